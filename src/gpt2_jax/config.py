@@ -1,0 +1,177 @@
+"""Model configuration: one frozen dataclass and the GPT-2 size presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+# The true GPT-2 vocabulary: 50,000 merges + 256 byte tokens + <|endoftext|>.
+GPT2_VOCAB_SIZE = 50257
+
+# "full" saves nothing and recomputes each block; "dots" keeps matmul outputs; "dots_no_batch"
+# keeps only matmuls without batch dimensions (the weight-stationary ones).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or override that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a GPT-2 model. Field names follow OpenAI's hparams.json."""
+
+    vocab_size: int = GPT2_VOCAB_SIZE
+    n_ctx: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    # Dropout 0.1 everywhere, as in the released checkpoints' config.
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    initializer_range: float = 0.02
+    # Pad the embedding table to a multiple of this (128 -> 50,304) so the output matmul tiles
+    # well; logits are always sliced back to `vocab_size`.
+    pad_vocab_multiple: int = 1
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(DTYPES)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_inner(self) -> int:
+        return 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return replace(cls(), **d)
+
+
+# Parameter counts (tied LM head, unpadded vocab) are those of HF's GPT2LMHeadModel.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~16.3M parameters (12.9M of them the embedding table); the CPU demo size.
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_ctx=256),
+    "small": dict(n_layer=12, n_embd=768, n_head=12),  # 124,439,808
+    "medium": dict(n_layer=24, n_embd=1024, n_head=16),  # 354,823,168
+    "large": dict(n_layer=36, n_embd=1280, n_head=20),  # 774,030,080
+    "xl": dict(n_layer=48, n_embd=1600, n_head=25),  # 1,557,611,200
+}
+SIZES = tuple(PRESETS)
+
+
+def get_model_config(size: str, **overrides) -> ModelConfig:
+    """The preset `size` (tiny, small, medium, large, xl) with optional field overrides."""
+    if size not in PRESETS:
+        raise ConfigError(f"unknown model size {size!r}; valid sizes: {', '.join(SIZES)}")
+    return replace(ModelConfig(**PRESETS[size]), **overrides)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Convert `value` (a string from the command line, or a JSON value) to the type of `default`."""
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+            return False
+    elif kind is int and isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    elif kind is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif kind is str and isinstance(value, str):
+        return value
+    elif default is None:
+        return value
+    raise ConfigError(f"{name} expects {kind.__name__}, got {value!r}")
+
+
+def replace(cfg, **overrides):
+    """`dataclasses.replace` that type-checks values and refuses unknown keys with the valid list."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown {type(cfg).__name__} key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}"
+        )
+    typed = {k: _coerce(k, v, getattr(cfg, k)) for k, v in overrides.items()}
+    return dataclasses.replace(cfg, **typed)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Parse `key=value` (or `--key=value`) strings into a dict; values stay strings."""
+    out = {}
+    for a in args:
+        key, sep, value = a.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {a!r} is not of the form key=value")
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gpt2_jax.config SIZE [key=value ...]`: print a resolved config and its size."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.config", description="Print the resolved model config of a size preset."
+    )
+    parser.add_argument("size", help=f"one of: {', '.join(SIZES)}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="ModelConfig fields to override")
+    args = parser.parse_args(argv)
+    try:
+        cfg = get_model_config(args.size, **parse_overrides(args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from gpt2_jax.model import count_params
+
+    print(cfg.to_json())
+    print(f"{args.size}: {count_params(cfg):,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
