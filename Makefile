@@ -9,11 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 export GPT2_JAX_DATA_DIR ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: install test help
+.PHONY: install test test-slow help
 
 help:
 	@echo "make install   create $(VENV) and install gpt2_jax with its test dependencies"
-	@echo "make test      run the test suite"
+	@echo "make test      run the test suite (under 15 minutes on 2 CPU cores)"
+	@echo "make test-slow run the end-to-end tests marked slow (CI runs both)"
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -22,4 +23,8 @@ install:
 	$(PY) -m pip install -e ".[test]"
 
 test:
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# pytest exits 5 when no test carries the mark: not a failure.
+test-slow:
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
