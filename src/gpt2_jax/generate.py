@@ -1,0 +1,556 @@
+"""Text generation: prefill a key/value cache, then decode every new token inside one jitted call.
+
+A batch of prompts is left-padded to a length bucket (powers of two), with `input_mask` 0 on the
+padding and per-row positions so each row's real tokens start at position 0. The cache is a
+fixed-size buffer of `bucket + max_new_tokens` slots. Prefill, sampling and the whole decode loop
+(`lax.while_loop`) are one jitted function, so a generation compiles once per (batch size, bucket,
+max_new_tokens, sampling mode) and never per token. Streaming goes through an ordered
+`io_callback` from inside that loop, so it does not split the generation into several calls.
+
+`python -m gpt2_jax.generate --model MODEL --prompt TEXT` samples from the command line; with
+`--task summarize|translate|qa --input FILE.jsonl` it runs the paper's zero-shot prompt formats
+(`gpt2_jax.prompts`) over a file and scores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, init_cache
+from gpt2_jax.tokenizer import EOT_ID, EOT_TOKEN
+
+MIN_BUCKET = 16
+
+
+class GenerationError(ValueError):
+    """Generation settings or prompts that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How new tokens are chosen.
+
+    greedy: argmax (ignores temperature, top_k, top_p). top_k: keep the k most likely tokens
+    (0 = all; the paper's samples used 40). top_p: keep the smallest set of most likely tokens whose
+    probability reaches p (nucleus sampling; 1.0 = all). eot_id: stop a row when it emits this token
+    (None: only `max_new_tokens` stops).
+    """
+
+    max_new_tokens: int = 100
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eot_id: int | None = EOT_ID
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise GenerationError(f"temperature must be a finite number > 0 (use greedy for argmax), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """tokens: int32 [B, max_new_tokens], rows padded with `pad_id` after they stop.
+    lengths: new tokens per row before the stop token (or max_new_tokens)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def rows(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int, top_p: jax.Array | float | None) -> tuple[jax.Array, jax.Array | None]:
+    """Mask logits outside the top-k / nucleus sets with -inf.
+
+    Returns (logits, index): with top_k > 0 or top_p given, `logits` are the kept candidates sorted
+    in descending order and `index` maps them back to vocabulary ids; otherwise index is None.
+    """
+    V = logits_BV.shape[-1]
+    if not top_k and top_p is None:
+        return logits_BV, None
+    k = min(top_k, V) if top_k else V
+    vals_BK, idx_BK = jax.lax.top_k(logits_BV, k)
+    if top_p is not None:
+        probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+        before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK  # mass of strictly more likely tokens
+        # The most likely token is always kept, so the set is never empty.
+        keep_BK = (before_BK < top_p) | (jnp.arange(k) == 0)[None, :]
+        vals_BK = jnp.where(keep_BK, vals_BK, -jnp.inf)
+    return vals_BK, idx_BK
+
+
+def sample_logits(
+    logits_BV: jax.Array,
+    key: jax.Array,
+    *,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    temperature: jax.Array | float = 1.0,
+    top_p: jax.Array | float = 1.0,
+) -> jax.Array:
+    """One token id per row: argmax, or a draw after temperature, top-k and top-p (in that order)."""
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    scaled_BV = logits_BV.astype(jnp.float32) / temperature
+    vals, idx = filter_logits(scaled_BV, top_k, top_p if use_top_p else None)
+    choice_B = jax.random.categorical(key, vals, axis=-1)
+    if idx is None:
+        return choice_B.astype(jnp.int32)
+    return jnp.take_along_axis(idx, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The decode loop
+
+
+# The streaming sink is looked up at run time so that the jitted function does not depend on the
+# Python callable (a new callable per call would otherwise force a new compilation).
+_STREAM_SINK: list[Callable[[int, np.ndarray, np.ndarray], None]] = []
+
+
+def _emit(t, tokens_B, active_B):
+    if _STREAM_SINK:
+        _STREAM_SINK[-1](int(t), np.asarray(tokens_B), np.asarray(active_B))
+
+
+def decode_loop(
+    step_fn: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]],
+    state: Any,
+    logits_BV: jax.Array,
+    positions_B: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    temperature: jax.Array | float,
+    top_p: jax.Array | float,
+    eot_id: int | None,
+    stream: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample up to `max_new_tokens` tokens per row with a `lax.while_loop` (call under jit).
+
+    step_fn(state, tokens_B1, positions_B1) -> (next logits [B, V], state) is the model with its
+    cache (or a fake in tests); `logits_BV` are the logits after the prompt; `positions_B` the
+    position of the first new token. A row that emits `eot_id` stops; its later slots hold eot_id.
+    Returns (tokens [B, max_new_tokens], lengths [B]).
+    """
+    B = logits_BV.shape[0]
+    pad = eot_id if eot_id is not None else 0
+    sample = functools.partial(
+        sample_logits, greedy=greedy, top_k=top_k, use_top_p=use_top_p, temperature=temperature, top_p=top_p
+    )
+
+    def emit(t, tok_B, done_B, out_BN, lengths_B):
+        active_B = ~done_B
+        out_BN = out_BN.at[:, t].set(jnp.where(active_B, tok_B, pad))
+        stop_B = active_B & (tok_B == eot_id) if eot_id is not None else jnp.zeros_like(done_B)
+        lengths_B = lengths_B + (active_B & ~stop_B).astype(jnp.int32)
+        if stream:
+            io_callback(_emit, None, t, tok_B, active_B & ~stop_B, ordered=True)
+        return out_BN, lengths_B, done_B | stop_B
+
+    out_BN = jnp.full((B, max_new_tokens), pad, jnp.int32)
+    tok_B = sample(logits_BV, jax.random.fold_in(key, 0))
+    out_BN, lengths_B, done_B = emit(0, tok_B, jnp.zeros((B,), bool), out_BN, jnp.zeros((B,), jnp.int32))
+
+    def cond(carry):
+        t, _, _, _, done_B, _ = carry
+        return (t < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        t, tok_B, out_BN, lengths_B, done_B, state = carry
+        logits_BV, state = step_fn(state, tok_B[:, None], (positions_B + t - 1)[:, None])
+        tok_B = sample(logits_BV, jax.random.fold_in(key, t))
+        out_BN, lengths_B, done_B = emit(t, tok_B, done_B, out_BN, lengths_B)
+        return t + 1, tok_B, out_BN, lengths_B, done_B, state
+
+    carry = (jnp.array(1, jnp.int32), tok_B, out_BN, lengths_B, done_B, state)
+    _, _, out_BN, lengths_B, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out_BN, lengths_B
+
+
+def _head(cfg: ModelConfig, params, x_BTD: jax.Array) -> jax.Array:
+    """The tied LM head on final-LayerNorm activations (the model's own last step)."""
+    wte_VD = params["wte"].astype(jnp.dtype(cfg.dtype))
+    logits = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
+    return logits[..., : cfg.vocab_size]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to [B, bucket]; returns (tokens, lengths)."""
+    tokens = np.full((len(prompts), bucket), pad_id, np.int32)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    for row, p in zip(tokens, prompts):
+        if len(p):
+            row[bucket - len(p):] = p
+    return tokens, lengths
+
+
+def padding_inputs(lengths_B: jax.Array, bucket: int) -> tuple[jax.Array, jax.Array]:
+    """Per-row positions (real tokens start at 0) and the input mask of a left-padded batch."""
+    offset_B = bucket - lengths_B
+    slot_T = jnp.arange(bucket)
+    mask_BT = slot_T[None, :] >= offset_B[:, None]
+    positions_BT = jnp.maximum(slot_T[None, :] - offset_B[:, None], 0)
+    return positions_BT.astype(jnp.int32), mask_BT
+
+
+def prefill(cfg: ModelConfig, params, tokens_BP: jax.Array, lengths_B: jax.Array, cache_len: int, *, all_logits: bool = False):
+    """Run a left-padded prompt batch through the model into a fresh cache of `cache_len` slots.
+
+    Returns (logits, cache, positions_BP, mask_BP): logits of the last prompt token [B, V], or of
+    every slot [B, P, V] with `all_logits`.
+    """
+    B, P = tokens_BP.shape
+    positions_BP, mask_BP = padding_inputs(lengths_B, P)
+    cache = init_cache(cfg, B, cache_len)
+    x_BPD, variables = GPT2(cfg).apply(
+        {"params": params, "cache": cache}, tokens_BP, positions_BP, mask_BP,
+        decode=True, return_hidden=True, mutable=["cache"],
+    )
+    logits = _head(cfg, params, x_BPD if all_logits else x_BPD[:, -1:])
+    return (logits if all_logits else logits[:, 0]), variables["cache"], positions_BP, mask_BP
+
+
+def decode_step(cfg: ModelConfig, params, cache, tokens_BT: jax.Array, positions_BT: jax.Array):
+    """Feed new tokens at the cache's next slots; returns (logits [B, T, V], cache)."""
+    logits, variables = GPT2(cfg).apply(
+        {"params": params, "cache": cache}, tokens_BT, positions_BT, jnp.ones(tokens_BT.shape, bool),
+        decode=True, mutable=["cache"],
+    )
+    return logits, variables["cache"]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream"),
+)
+def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, cfg, max_new_tokens, greedy, top_k,
+                  use_top_p, eot_id, stream):
+    P = tokens_BP.shape[1]
+    logits_BV, cache, _, _ = prefill(cfg, params, tokens_BP, lengths_B, P + max_new_tokens)
+
+    def step(cache, tok_B1, pos_B1):
+        logits, cache = decode_step(cfg, params, cache, tok_B1, pos_B1)
+        return logits[:, -1], cache
+
+    return decode_loop(
+        step, cache, logits_BV, lengths_B, jax.random.key(seed),
+        max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+        temperature=temperature, top_p=top_p, eot_id=eot_id, stream=stream,
+    )
+
+
+def prompt_bucket(length: int, n_ctx: int, max_new_tokens: int) -> int:
+    """The padded prompt length: the next power of two (at least 16), capped so the cache fits."""
+    bucket = max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
+    return min(bucket, n_ctx - max_new_tokens)
+
+
+def fit_prompts(
+    prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int, truncate: str = "error"
+) -> list[list[int]]:
+    """Check prompts against the vocabulary and context; left-truncate or refuse long ones."""
+    if truncate not in ("error", "left"):
+        raise GenerationError(f"truncate must be 'error' or 'left', got {truncate!r}")
+    if max_new_tokens >= cfg.n_ctx:
+        raise GenerationError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the context of {cfg.n_ctx} tokens"
+        )
+    if not prompts:
+        raise GenerationError("no prompts given")
+    room = cfg.n_ctx - max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise GenerationError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {cfg.vocab_size}")
+        if len(p) > room:
+            if truncate == "error":
+                raise GenerationError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} at most {room} fit in "
+                    f"the context of {cfg.n_ctx} (truncate from the left to keep the last {room})"
+                )
+            p = p[-room:]
+        out.append(p)
+    return out
+
+
+class Generator:
+    """A model ready to sample: params placed on the device once, compiled functions reused."""
+
+    def __init__(self, config: ModelConfig, params):
+        self.config = config
+        self.params = jax.device_put(params)
+
+    def generate_tokens(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig = SamplingConfig(),
+        *,
+        seed: int = 0,
+        truncate: str = "error",
+        on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    ) -> GenerationResult:
+        """Continue a batch of token-id prompts.
+
+        on_tokens(step, tokens_B, active_B) is called from inside the decode loop as each token is
+        produced (active_B is False for rows that have stopped).
+        """
+        cfg, n = self.config, sampling.max_new_tokens
+        prompts = fit_prompts(prompts, cfg, n, truncate)
+        bucket = prompt_bucket(max(len(p) for p in prompts), cfg.n_ctx, n)
+        tokens, lengths = left_pad(prompts, bucket)
+        eot = sampling.eot_id if sampling.eot_id is not None and sampling.eot_id < cfg.vocab_size else None
+        args = (self.params, tokens, lengths, np.uint32(seed % 2**32), np.float32(sampling.temperature),
+                np.float32(sampling.top_p))
+        kw = dict(cfg=cfg, max_new_tokens=n, greedy=sampling.greedy, top_k=sampling.top_k if not sampling.greedy else 0,
+                  use_top_p=sampling.top_p < 1.0 and not sampling.greedy, eot_id=eot, stream=on_tokens is not None)
+        if on_tokens is not None:
+            _STREAM_SINK.append(on_tokens)
+        try:
+            out, lens = _generate_jit(*args, **kw)
+            out, lens = np.asarray(out), np.asarray(lens)  # waits, so every callback has run
+        finally:
+            if on_tokens is not None:
+                _STREAM_SINK.pop()
+        return GenerationResult(out, lens)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), *, seed: int = 0,
+                 truncate: str = "error") -> list[str]:
+        """Continue text prompts; returns the new text of each (without the stop token)."""
+        from gpt2_jax.tokenizer import get_tokenizer
+
+        enc = get_tokenizer()
+        result = self.generate_tokens([encode_prompt(p) for p in prompts], sampling, seed=seed, truncate=truncate)
+        return [enc.decode(row) for row in result.rows()]
+
+
+def encode_prompt(text: str) -> list[int]:
+    """Tokenize a prompt (`<|endoftext|>` written in it becomes the special token)."""
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    if not text:
+        raise GenerationError("the prompt is empty (use --unconditional to sample from <|endoftext|>)")
+    tokens = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})
+    if all(t == EOT_ID for t in tokens):
+        raise GenerationError(
+            "the prompt holds only special tokens (use --unconditional to sample from <|endoftext|>)"
+        )
+    return tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a model and the command line
+
+
+def load_model(spec: str, *, seed: int = 0) -> tuple[ModelConfig, Any]:
+    """`(config, params)` from a checkpoint, run directory, HF GPT-2 directory, or `random:SIZE`."""
+    from gpt2_jax import checkpoint, convert
+    from gpt2_jax.config import get_model_config
+    from gpt2_jax.model import init_params
+
+    if spec.startswith("random:"):
+        cfg = get_model_config(spec.removeprefix("random:"))
+        return cfg, init_params(cfg, jax.random.key(seed))
+    return _load_path(Path(spec), checkpoint, convert)
+
+
+def _load_path(path: Path, checkpoint, convert):
+    if not path.exists():
+        raise GenerationError(f"model {path} does not exist (a checkpoint, run directory, HF directory or random:SIZE)")
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            hf = {}
+        if isinstance(hf, dict) and "n_embd" in hf and not (path / checkpoint.PARAMS_DIR).is_dir():
+            return convert.load_hf(path)
+    return checkpoint.load_params(path)
+
+
+class _TextStream:
+    """Writes the decoded text of one row as tokens arrive (UTF-8 split across tokens handled)."""
+
+    def __init__(self, out, row: int = 0):
+        from gpt2_jax.tokenizer import get_tokenizer
+
+        self.enc, self.out, self.row = get_tokenizer(), out, row
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, t, tokens_B, active_B):
+        if active_B[self.row]:
+            self.out.write(self.decoder.decode(self.enc.decode_single_token_bytes(int(tokens_B[self.row]))))
+            self.out.flush()
+
+    def close(self):
+        self.out.write(self.decoder.decode(b"", final=True))
+        self.out.flush()
+
+
+def _sampling_from_args(args, **defaults) -> SamplingConfig:
+    kw = dict(
+        max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p,
+    )
+    kw.update({k: v for k, v in defaults.items() if getattr(args, k, None) is None})
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return SamplingConfig(**kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gpt2_jax.prompts import TASKS
+
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.generate",
+        description="Sample text from a GPT-2 model, or run the paper's zero-shot task prompts over a jsonl file.",
+    )
+    p.add_argument("--model", required=True,
+                   help="gpt2_jax checkpoint, training run directory, HF GPT-2 directory, or random:SIZE "
+                        "(random weights of a size preset, for testing)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue (<|endoftext|> in it is the special token)")
+    src.add_argument("--prompt-file", help="file whose UTF-8 text is the prompt")
+    src.add_argument("--unconditional", action="store_true", help="sample from <|endoftext|> alone")
+    src.add_argument("--task", choices=sorted(TASKS), help="zero-shot task format from the GPT-2 paper, run over --input")
+    p.add_argument("--input", help="jsonl file of task records (--task); see gpt2_jax.prompts for the fields")
+    p.add_argument("--output", help="with --task: write one jsonl record per input with the prediction")
+    p.add_argument("--shots", type=int, default=None,
+                   help="with --task translate/qa: use the first N records as in-context examples and score the rest")
+    p.add_argument("--limit", type=int, default=None, help="with --task: score at most this many records")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
+    p.add_argument("--batch-size", type=int, default=8, help="with --task: records generated per batch")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per sample (default 100)")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
+                   help="always take the most likely token (--no-greedy samples; default: sample, except for the "
+                        "translate and qa tasks)")
+    p.add_argument("--temperature", type=float, default=None, help="divide logits by this before sampling (default 1)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens; 0 = all (default 40, as the paper's samples)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
+    p.add_argument("--truncate", choices=("error", "left"), default="error",
+                   help="a prompt longer than the context minus --max-new-tokens: refuse it, or keep its last tokens")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2_jax import checkpoint, convert, prompts
+    from gpt2_jax.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    expected = (GenerationError, ConfigError, convert.ConversionError, checkpoint.CheckpointError,
+                prompts.TaskError, OSError)
+    try:
+        if args.task is None and args.prompt is None and args.prompt_file is None and not args.unconditional:
+            raise GenerationError("give --prompt, --prompt-file, --unconditional or --task")
+        if args.task is None and (args.input or args.output):
+            raise GenerationError("--input/--output go with --task")
+        if args.num_samples < 1 or args.batch_size < 1:
+            raise GenerationError("--num-samples and --batch-size must be positive")
+        if args.task is not None:
+            sampling = _sampling_from_args(args, **prompts.TASKS[args.task].sampling)
+        else:
+            sampling = _sampling_from_args(args, max_new_tokens=100, top_k=40)
+        if args.task is not None and not args.input:
+            raise GenerationError("--task needs --input FILE.jsonl")
+        if args.task is not None:
+            records = prompts.read_jsonl(args.input, args.task)  # check the file before loading a model
+        elif args.unconditional:
+            prompt_tokens = [EOT_ID]
+        else:
+            text = args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)
+            prompt_tokens = encode_prompt(text)
+        cfg, params = load_model(args.model, seed=args.seed)
+        gen = Generator(cfg, params)
+        if args.task is not None:
+            report = prompts.run_task(
+                gen, args.task, records, sampling, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
+                seed=args.seed, truncate=args.truncate, output=args.output,
+            )
+            print(json.dumps(report, indent=2))
+            return 0
+        _sample_cli(gen, prompt_tokens, sampling, args)
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_prompt_file(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise GenerationError(f"prompt file {path} does not exist")
+    if p.stat().st_size > 1 << 24:
+        raise GenerationError(f"prompt file {path} is larger than 16 MiB")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"prompt file {path} is not UTF-8 text") from e
+
+
+def _sample_cli(gen: Generator, prompt_tokens: list[int], sampling: SamplingConfig, args) -> None:
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    prompts_ = [prompt_tokens] * args.num_samples
+    if args.num_samples == 1:
+        stream = _TextStream(sys.stdout)
+        gen.generate_tokens(prompts_, sampling, seed=args.seed, truncate=args.truncate, on_tokens=stream)
+        stream.close()
+        sys.stdout.write("\n")
+        return
+    result = gen.generate_tokens(prompts_, sampling, seed=args.seed, truncate=args.truncate)
+    enc = get_tokenizer()
+    for i, row in enumerate(result.rows()):
+        print(f"{'=' * 30} SAMPLE {i + 1} {'=' * 30}")
+        print(enc.decode(row))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file through a temporary sibling and a rename (never a half-written output)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

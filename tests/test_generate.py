@@ -1,0 +1,343 @@
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import random_hf_gpt2
+
+from gpt2_jax import checkpoint, config, convert, generate, model
+from gpt2_jax.generate import GenerationError, Generator, SamplingConfig
+from gpt2_jax.model import GPT2
+from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+
+HF_SHAPE = dict(vocab_size=101, n_positions=64, n_embd=80, n_layer=2, n_head=5)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random HF GPT-2 (LayerNorms randomized) and its converted (config, params)."""
+    d = tmp_path_factory.mktemp("hf")
+    hf = random_hf_gpt2(d, seed=3, **HF_SHAPE)
+    cfg, params = convert.load_hf(d)
+    return hf, cfg, params, d
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A small random model with GPT-2's real vocabulary, saved as a params-only checkpoint."""
+    cfg = config.get_model_config("tiny", n_ctx=64, n_embd=48, n_head=3, n_layer=2)
+    params = model.init_params(cfg, jax.random.key(0))
+    path = checkpoint.save_params(tmp_path_factory.mktemp("ckpt") / "model", cfg, params)
+    return cfg, params, path
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.active, self.count = False, 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, duration, **kwargs):
+        if self.active and name == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        self.active, self.count = True, 0
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    return CompileCounter()
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache and HF parity
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_prefill_then_decode_matches_full_forward(hf_pair, scan):
+    _, cfg, params, _ = hf_pair
+    if scan:
+        cfg, params = config.replace(cfg, scan_layers=True), model.stack_layers(params, cfg.n_layer)
+    rng = np.random.RandomState(0)
+    prompt_lens, n_new = [5, 12, 1], 7
+    seqs = [rng.randint(0, cfg.vocab_size, L + n_new).astype(np.int32) for L in prompt_lens]
+    bucket = 16
+    tokens, lengths = generate.left_pad([s[:L] for s, L in zip(seqs, prompt_lens)], bucket, pad_id=42)
+
+    prefill = jax.jit(functools.partial(generate.prefill, cfg, cache_len=bucket + n_new, all_logits=True))
+    step = jax.jit(functools.partial(generate.decode_step, cfg))
+    cont = np.stack([s[L:] for s, L in zip(seqs, prompt_lens)])
+    logits_P, cache, _, _ = prefill(params, tokens, lengths)
+    outs = []
+    # one token at a time, then two at once (a chunk) to cover T > 1 against the cache
+    for t in range(n_new - 2):
+        lg, cache = step(params, cache, cont[:, t:t + 1], (lengths + t)[:, None])
+        outs.append(lg)
+    lg, cache = step(params, cache, cont[:, n_new - 2:], lengths[:, None] + np.arange(n_new - 2, n_new)[None, :])
+    outs.append(lg)
+    logits_new = np.concatenate(outs, 1)
+    full_fn = jax.jit(lambda p, x: GPT2(cfg).apply({"params": p}, x))
+    for b, (s, L) in enumerate(zip(seqs, prompt_lens)):
+        full = np.asarray(full_fn(params, s[None]))[0]
+        got = np.concatenate([np.asarray(logits_P[b, bucket - L:]), np.asarray(logits_new[b])])
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got, full, atol=1e-4, rtol=0)
+
+
+def test_greedy_matches_hf_generate(hf_pair):
+    hf, cfg, params, _ = hf_pair
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(0, cfg.vocab_size, L).tolist() for L in (1, 4, 9, 17)]
+    n_new = 24
+    gen = Generator(cfg, params)
+    ours = gen.generate_tokens(prompts, SamplingConfig(max_new_tokens=n_new, greedy=True, eot_id=None))
+    assert (ours.lengths == n_new).all()
+    for p, row in zip(prompts, ours.tokens):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0,
+            )
+        np.testing.assert_array_equal(row, out[0, len(p):].numpy())
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling rules, with a fake logits function in the real decode loop
+
+V = 23
+# A fixed distribution, rotated by the previous token so every step has a different allowed set.
+BASE_PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05] + [0.05 / (V - 5)] * (V - 5))
+
+
+def _fake_loop(sampling: SamplingConfig, seed: int, B: int = 64):
+    base = jnp.log(jnp.asarray(BASE_PROBS, jnp.float32))
+
+    def step_fn(state, tok_B1, pos_B1):
+        return jax.vmap(lambda t: jnp.roll(base, t))(tok_B1[:, 0]), state
+
+    @jax.jit
+    def run(key):
+        first = jnp.broadcast_to(base, (B, V))
+        return generate.decode_loop(
+            step_fn, jnp.zeros(()), first, jnp.zeros((B,), jnp.int32), key,
+            max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
+            use_top_p=sampling.top_p < 1, temperature=sampling.temperature, top_p=sampling.top_p,
+            eot_id=sampling.eot_id,
+        )
+
+    tokens, lengths = run(jax.random.key(seed))
+    return np.asarray(tokens), np.asarray(lengths)
+
+
+def _offsets(tokens):
+    """Each token's rank in its step's distribution (the roll offset from the previous token)."""
+    prev = np.concatenate([np.zeros((tokens.shape[0], 1), np.int64), tokens[:, :-1]], 1)
+    return (tokens - prev) % V
+
+
+@pytest.mark.parametrize(
+    "kw, allowed",
+    [
+        (dict(top_k=3), {0, 1, 2}),
+        (dict(top_p=0.7), {0, 1, 2}),  # 0.4, 0.25 (0.65 before), 0.15 (0.65 < 0.7); 0.1 starts at 0.8
+        (dict(top_p=0.3), {0}),  # the most likely token is always kept
+        (dict(top_k=4, top_p=0.6, temperature=0.7), {0, 1}),
+        (dict(top_k=1, temperature=5.0), {0}),
+        (dict(greedy=True, top_k=5), {0}),
+    ],
+)
+def test_only_allowed_tokens_are_sampled(kw, allowed):
+    tokens, lengths = _fake_loop(SamplingConfig(max_new_tokens=40, eot_id=None, **kw), seed=0)
+    assert (lengths == 40).all()
+    seen = set(np.unique(_offsets(tokens)).tolist())
+    assert seen == allowed  # nothing outside the set, and (2560 draws) every member of it
+
+
+def test_top_k_frequencies_follow_renormalized_probabilities():
+    tokens, _ = _fake_loop(SamplingConfig(max_new_tokens=50, top_k=3, eot_id=None), seed=1, B=128)
+    freq = np.bincount(_offsets(tokens).ravel(), minlength=V)[:3] / tokens.size
+    expect = BASE_PROBS[:3] / BASE_PROBS[:3].sum()
+    np.testing.assert_allclose(freq, expect, atol=0.03)
+
+
+def test_unfiltered_sampling_reaches_the_tail():
+    tokens, _ = _fake_loop(SamplingConfig(max_new_tokens=50, eot_id=None), seed=2, B=128)
+    assert len(set(np.unique(_offsets(tokens)).tolist()) - {0, 1, 2, 3, 4}) >= 5
+
+
+def test_rows_stop_at_eot_and_pad():
+    # eot (token 7) is the most likely next token only after token 7 - 1 = 6 ... rotate so that greedy
+    # walks 0 -> 1 -> 2 ...: base favours offset 1; the walk reaches 7 at step 7 - start.
+    base = jnp.full((V,), -5.0).at[1].set(0.0)
+    B = 3
+
+    def step_fn(state, tok_B1, pos_B1):
+        return jax.vmap(lambda t: jnp.roll(base, t))(tok_B1[:, 0]), state
+
+    starts = jnp.array([0, 3, 6])
+    first = jax.vmap(lambda s: jnp.roll(base, s))(starts)  # first tokens 1, 4, 7
+    tokens, lengths = jax.jit(lambda k: generate.decode_loop(
+        step_fn, jnp.zeros(()), first, jnp.zeros((B,), jnp.int32), k, max_new_tokens=10, greedy=True, top_k=0,
+        use_top_p=False, temperature=1.0, top_p=1.0, eot_id=7))(jax.random.key(0))
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    np.testing.assert_array_equal(lengths, [6, 3, 0])
+    np.testing.assert_array_equal(tokens[0], [1, 2, 3, 4, 5, 6, 7, 7, 7, 7])
+    np.testing.assert_array_equal(tokens[1], [4, 5, 6, 7, 7, 7, 7, 7, 7, 7])
+    np.testing.assert_array_equal(tokens[2], [7] * 10)
+
+
+def test_seed_reproducible(hf_pair):
+    _, cfg, params, _ = hf_pair
+    gen = Generator(cfg, params)
+    s = SamplingConfig(max_new_tokens=16, top_k=40, eot_id=None)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a = gen.generate_tokens(prompts, s, seed=5).tokens
+    b = gen.generate_tokens(prompts, s, seed=5).tokens
+    c = gen.generate_tokens(prompts, s, seed=6).tokens
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_one_compilation_per_generation(hf_pair, compiles):
+    _, cfg, params, _ = hf_pair
+    cfg = config.replace(cfg, layer_norm_epsilon=1.01e-5)  # a config no other test compiled
+    gen = Generator(cfg, params)
+    s = SamplingConfig(max_new_tokens=12, top_k=5, top_p=0.9, eot_id=None)
+    with compiles:
+        gen.generate_tokens([[1, 2, 3, 4, 5]], s, seed=0)
+    assert compiles.count == 1
+    # another prompt length in the same bucket, another seed, temperature and top_p: nothing new
+    with compiles:
+        gen.generate_tokens([[9] * 11], SamplingConfig(max_new_tokens=12, top_k=5, top_p=0.5, temperature=0.8,
+                                                      eot_id=None), seed=3)
+        gen.generate_tokens([[9] * 16], s, seed=4)
+    assert compiles.count == 0
+    # streaming: one compilation as well, and one callback per token
+    seen = []
+    with compiles:
+        res = gen.generate_tokens([[1, 2]], s, seed=0, on_tokens=lambda t, tok, act: seen.append((t, int(tok[0]))))
+    assert compiles.count == 1
+    assert [t for t, _ in seen] == list(range(12))
+    assert [tok for _, tok in seen] == res.tokens[0].tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input and the command line
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+    ],
+)
+def test_bad_sampling_settings(kw, msg):
+    with pytest.raises(GenerationError, match=msg):
+        SamplingConfig(**kw)
+
+
+def test_bad_prompts(hf_pair):
+    _, cfg, _, _ = hf_pair
+    with pytest.raises(GenerationError, match="empty"):
+        generate.encode_prompt("")
+    with pytest.raises(GenerationError, match="only special tokens"):
+        generate.encode_prompt("<|endoftext|><|endoftext|>")
+    with pytest.raises(GenerationError, match="empty"):
+        generate.fit_prompts([[1], []], cfg, 4)
+    with pytest.raises(GenerationError, match="no room"):
+        generate.fit_prompts([[1]], cfg, cfg.n_ctx)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        generate.fit_prompts([[1, 500]], cfg, 4)
+    with pytest.raises(GenerationError, match="at most 54 fit"):
+        generate.fit_prompts([list(range(60))], cfg, 10)
+    assert generate.fit_prompts([list(range(60))], cfg, 10, truncate="left") == [list(range(6, 60))]
+    assert generate.prompt_bucket(3, 64, 10) == 16
+    assert generate.prompt_bucket(17, 64, 10) == 32
+    assert generate.prompt_bucket(40, 64, 10) == 54
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--prompt", ""], "empty"),
+        (["--prompt", "<|endoftext|>"], "only special tokens"),
+        (["--prompt", "hi", "--top-p", "0"], "top_p"),
+        (["--prompt", "hi", "--temperature", "-2"], "temperature"),
+        (["--prompt", "hi", "--max-new-tokens", "64"], "no room"),
+        (["--prompt", "hi " * 70, "--max-new-tokens", "8"], "at most 56 fit"),
+        (["--task", "qa"], "--input"),
+    ],
+)
+def test_cli_one_line_errors(text_model, capsys, argv, msg):
+    _, _, path = text_model
+    rc = generate.main(["--model", str(path), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("error: ") and "\n" not in err and msg in err, err
+
+
+def test_cli_missing_model(capsys):
+    assert generate.main(["--model", "/nonexistent/model", "--prompt", "hi"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_cli_streams_the_same_text_as_the_library(text_model, capsys):
+    cfg, params, path = text_model
+    prompt = "The meaning of life is"
+    rc = generate.main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", "20", "--seed", "7"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    # the library with the CLI's settings (a callback too, so the compiled program is shared)
+    s = SamplingConfig(max_new_tokens=20, top_k=40)
+    enc = get_tokenizer()
+    res = Generator(cfg, params).generate_tokens([enc.encode(prompt)], s, seed=7, on_tokens=lambda *a: None)
+    expect = enc.decode(res.rows()[0])
+    assert out == expect + "\n" and len(expect) > 0
+
+
+def test_generate_text_stops_at_eot(text_model):
+    cfg, params, _ = text_model
+    # make <|endoftext|> the most likely token: a constant final-LN bias b and wte[eot] = 1 give it
+    # logit sum(normalized + b) = 3 * n_embd, far above the others' (small random embeddings)
+    params = jax.tree.map(np.array, params)
+    params["ln_f"]["bias"][:] = 3.0
+    params["wte"][EOT_ID] = 1.0
+    gen = Generator(cfg, params)
+    out = gen.generate_tokens([get_tokenizer().encode("Hello")], SamplingConfig(max_new_tokens=8, greedy=True))
+    assert out.lengths[0] < 8 and out.tokens[0, out.lengths[0]] == EOT_ID
+    assert (out.tokens[0, out.lengths[0]:] == EOT_ID).all()
+
+
+def test_task_cli_qa_writes_predictions(text_model, tmp_path, capsys):
+    _, _, path = text_model
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(5)]
+    src = tmp_path / "qa.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "pred.jsonl"
+    rc = generate.main(["--model", str(path), "--task", "qa", "--input", str(src), "--output", str(out),
+                        "--shots", "2", "--max-new-tokens", "6", "--batch-size", "2"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["records"] == 3 and report["shots"] == 2 and "exact_match" in report["metrics"]
+    assert report["sampling"]["greedy"] is True
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["question"] for p in preds] == [r["question"] for r in rows[2:]]
+    assert all("prediction" in p for p in preds)
