@@ -1,0 +1,130 @@
+"""Grain input pipelines over a token store: shuffled training windows and sequential eval windows.
+
+Training windows are fixed: window w holds tokens [w*T, w*T + T + 1), so consecutive windows share
+one token and every token after the first is a target exactly once per epoch. Each process keeps
+the windows w with w % shard_count == shard_index (it never reads the others), shuffles them with
+the seed (reshuffled every epoch) and batches them; batches are prefetched in background threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from gpt2_jax.data.sources import DataError
+from gpt2_jax.data.store import SplitTokens
+
+
+class _Windows:
+    """Random access to the fixed windows of seq_len + 1 tokens of one split."""
+
+    def __init__(self, tokens: SplitTokens, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, w: int) -> np.ndarray:
+        start = int(w) * self.seq_len
+        return self.tokens.read(start, start + self.seq_len + 1)
+
+
+def _check_shard(shard_index: int, shard_count: int) -> None:
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise DataError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+
+
+class TrainLoader:
+    """Infinite iterator of int32 [batch_size, seq_len + 1] training batches for this process.
+
+    `get_state()` returns a JSON-serializable dict; `set_state(state)` on a loader built with the
+    same arguments continues exactly where the saved one stopped.
+    """
+
+    def __init__(self, store, split: str = "train", *, seq_len: int, batch_size: int, seed: int,
+                 shard_index: int = 0, shard_count: int = 1, num_threads: int = 2, prefetch: int = 8):
+        if seq_len < 1 or batch_size < 1:
+            raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+        _check_shard(shard_index, shard_count)
+        self.tokens = SplitTokens(store, split)
+        windows = _Windows(self.tokens, seq_len)
+        if len(windows) < shard_count:
+            raise DataError(f"{self.tokens.store}: split {split!r} has {len(self.tokens)} tokens, fewer than "
+                            f"{shard_count} window(s) of {seq_len + 1}")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.num_windows = len(windows)  # in the whole split, all processes together
+        ds = grain.MapDataset.source(windows)[shard_index::shard_count]
+        self.windows_per_epoch = len(ds)  # this process's slice
+        ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+        self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._iter)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"store": self.tokens.fingerprint, "split": self.tokens.split, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "seed": self.seed, "shard_index": self.shard_index,
+                "shard_count": self.shard_count}
+
+    def get_state(self) -> dict[str, Any]:
+        """Position of the iterator plus the settings it is only valid for (JSON-serializable)."""
+        return {"loader": self._identity(), "grain": self._iter.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from `get_state()`'s result; refuses a state saved under other settings."""
+        if not isinstance(state, dict) or "grain" not in state or "loader" not in state:
+            raise DataError("not a TrainLoader state (needs 'loader' and 'grain')")
+        if state["loader"] != self._identity():
+            diff = {k: (v, self._identity().get(k)) for k, v in state["loader"].items() if self._identity().get(k) != v}
+            raise DataError(f"loader state was saved with other settings (saved, now): {diff}")
+        self._iter.set_state(state["grain"])
+
+
+def eval_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, length, first scored target) of the sequential eval windows over n_tokens tokens.
+
+    Window k starts at k*stride and covers up to seq_len + 1 tokens; it scores only targets no
+    earlier window scored, so every target (token 1 .. n-1) is scored exactly once.
+    """
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise DataError(f"stride={stride} must be in [1, seq_len={seq_len}]")
+    out, scored, start = [], 1, 0  # targets [1, scored) are done
+    while scored < n_tokens:
+        length = min(seq_len + 1, n_tokens - start)
+        out.append((start, length, scored - start - 1))
+        scored = start + length
+        start += stride
+    return out
+
+
+def eval_batches(store, split: str = "validation", *, seq_len: int, batch_size: int, stride: int | None = None,
+                 max_batches: int | None = None, shard_index: int = 0,
+                 shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Sequential eval batches {"tokens": int32 [b, seq_len+1], "mask": float32 [b, seq_len]}.
+
+    mask is 1 where the target is scored here and 0 for padding and targets an earlier (strided)
+    window scored. Window k belongs to process k % shard_count; every process yields the same
+    number of batches (padded with all-zero-mask rows) so collective eval steps stay in lockstep.
+    """
+    _check_shard(shard_index, shard_count)
+    tokens = SplitTokens(store, split)
+    windows = eval_windows(len(tokens), seq_len, stride)
+    per_host = -(-len(windows) // shard_count)
+    n_batches = -(-per_host // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    mine = windows[shard_index::shard_count]
+    for b in range(n_batches):
+        batch_tokens = np.zeros((batch_size, seq_len + 1), np.int32)
+        mask = np.zeros((batch_size, seq_len), np.float32)
+        for r, (start, length, first) in enumerate(mine[b * batch_size:(b + 1) * batch_size]):
+            batch_tokens[r, :length] = tokens.read(start, start + length)
+            mask[r, first:length - 1] = 1.0
+        yield {"tokens": batch_tokens, "mask": mask}

@@ -1,0 +1,404 @@
+"""Data pipeline: TFDS sources -> token stores -> Grain loaders (issue 4)."""
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2_jax import tokenizer
+from gpt2_jax.data import DataError, SplitTokens, TrainLoader, eval_batches, eval_windows, load_manifest, prepare
+from gpt2_jax.data import __main__ as cli
+from gpt2_jax.data import sources
+
+EOT = tokenizer.EOT_ID
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Never touch the network: a missing file must be reported at once.
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+
+
+def encode_docs(docs):
+    enc = tokenizer.get_tokenizer()
+    out = []
+    for d in docs:
+        out += enc.encode_ordinary(d) + [EOT]
+    return np.array(out, np.int32)
+
+
+def store_tokens(store, split):
+    t = SplitTokens(store, split)
+    return t.read(0, len(t))
+
+
+def file_hashes(store):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(store).iterdir())}
+
+
+def tiny_shakespeare_splits(shared_data):
+    """The 90/5/5 split by characters, computed here the way TFDS's catalog builder does it."""
+    text = (shared_data / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
+    i = int(len(text) * 0.9)
+    rest = text[i:]
+    j = int(len(rest) * 0.5)
+    return {"train": text[:i], "validation": rest[:j], "test": rest[j:]}
+
+
+@pytest.fixture(scope="module")
+def ts_store(tmp_path_factory, shared_data):
+    """tiny_shakespeare prepared through the CLI, offline, from the shared file via TFDS's manual dir."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "GPT2_JAX_OFFLINE": "1", "GPT2_JAX_DATA_DIR": str(shared_data)}
+    cmd = [sys.executable, "-m", "gpt2_jax.data", "prepare", "--dataset", "tiny_shakespeare",
+           "--cache-dir", str(cache), "--workers", "1", "--quiet"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return cache / "tokens" / "tiny_shakespeare", out.stdout
+
+
+def test_tiny_shakespeare_counts_equal_direct_tokenization(ts_store, shared_data):
+    store, stdout = ts_store
+    manifest = load_manifest(store)
+    for split, text in tiny_shakespeare_splits(shared_data).items():
+        expected = encode_docs([text])
+        np.testing.assert_array_equal(store_tokens(store, split), expected)
+        assert manifest["splits"][split]["tokens"] == len(expected)
+        assert f"{len(expected):,} tokens" in stdout  # the CLI prints each split's count
+    assert manifest["tokenizer_hash"] == tokenizer.tokenizer_hash()
+    assert manifest["source"]["url"] == sources.TINY_SHAKESPEARE_URL
+
+
+def test_tiny_shakespeare_checksum_is_registered():
+    # TFDS uses manual_dir/input.txt only for a URL whose name and checksum are registered.
+    lines = (Path(sources.__file__).parent / "checksums.tsv").read_text().splitlines()
+    url, size, sha, name = lines[0].split("\t")
+    assert (url, size, name) == (sources.TINY_SHAKESPEARE_URL, "1115394", "input.txt")
+    assert sha == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@pytest.fixture(scope="module")
+def paragraphs(shared_data):
+    text = (shared_data / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
+    return [p for p in text.split("\n\n") if p]
+
+
+def write_corpus(d: Path, paragraphs):
+    """A jsonl file, a .txt file with invalid UTF-8, a second jsonl; returns the train documents in order."""
+    d.mkdir(parents=True, exist_ok=True)
+    a = paragraphs[:40]
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": p, "id": i}) + "\n" for i, p in enumerate(a)))
+    raw = b"caf\xe9 \xff\xfe bytes\n" + paragraphs[40].encode()
+    (d / "b.txt").write_bytes(raw)
+    c = paragraphs[41:60]
+    (d / "c.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in c))
+    b_text = raw.decode("utf-8", errors="replace")  # 3 invalid bytes, each alone -> 3 x U+FFFD
+    return a + [b_text] + c
+
+
+def test_text_files_equals_direct_tokenization_and_reports_bad_bytes(tmp_path, paragraphs, capfd):
+    train_docs = write_corpus(tmp_path / "corpus", paragraphs)
+    val = paragraphs[60:70]
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "v.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in val))
+    store = prepare("text_files", cache_dir=tmp_path / "cache", files=str(tmp_path / "corpus" / "*"),
+                    validation_files=str(tmp_path / "val" / "*.jsonl"), workers=2, docs_per_shard=7, progress=False)
+    np.testing.assert_array_equal(store_tokens(store, "train"), encode_docs(train_docs))
+    np.testing.assert_array_equal(store_tokens(store, "validation"), encode_docs(val))
+    manifest = load_manifest(store)
+    assert len(manifest["splits"]["train"]["shards"]) == 9  # 60 documents, 7 per shard
+    assert manifest["splits"]["train"]["tokens"] == len(encode_docs(train_docs))
+    assert manifest["replaced_bytes"] == {str(tmp_path / "corpus" / "b.txt"): 3}
+    err = capfd.readouterr().err
+    assert f"warning: {tmp_path / 'corpus' / 'b.txt'}: 3 invalid UTF-8 bytes replaced with U+FFFD" in err
+
+
+def test_text_files_held_out_split_partitions_documents(tmp_path, paragraphs):
+    docs = paragraphs[:80]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in docs))
+    store = prepare("text_files", cache_dir=tmp_path / "cache", files=str(tmp_path / "d.jsonl"), field="body",
+                    validation_fraction=0.2, workers=1, progress=False)
+    held = [sources.in_validation(f"d.jsonl:{i + 1}", 0.2) for i in range(len(docs))]
+    assert 0 < sum(held) < len(docs)
+    np.testing.assert_array_equal(store_tokens(store, "train"), encode_docs([d for d, h in zip(docs, held) if not h]))
+    np.testing.assert_array_equal(store_tokens(store, "validation"), encode_docs([d for d, h in zip(docs, held) if h]))
+
+
+def test_decode_text_counts_each_invalid_byte():
+    assert sources.decode_text("héllo".encode()) == ("héllo", 0)
+    assert sources.decode_text(b"a\xffb\xe2\x82") == ("a\ufffdb\ufffd\ufffd", 3)
+
+
+def test_webtext_from_manual_dir(tmp_path, paragraphs):
+    manual = tmp_path / "data" / "webtext"
+    manual.mkdir(parents=True)
+    parts = {"train": paragraphs[:12], "valid": paragraphs[12:15], "test": paragraphs[15:17]}
+    for name, docs in parts.items():
+        lines = [json.dumps({"id": i, "ended": True, "length": 1, "text": d}) for i, d in enumerate(docs)]
+        (manual / f"webtext.{name}.jsonl").write_text("\n".join(lines) + "\n")
+    store = prepare("webtext", cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data", workers=1, progress=False)
+    for split, name in (("train", "train"), ("validation", "valid"), ("test", "test")):
+        np.testing.assert_array_equal(store_tokens(store, split), encode_docs(parts[name]))
+
+
+def _tar_xz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def openwebtext_archive(path: Path, paragraphs, n_subsets=6, per_subset=3):
+    """The original layout: openwebtext.tar.xz of openwebtext/urlsf_subsetNN-K_data.xz (each a tar.xz of .txt)."""
+    subsets, docs = {}, {}
+    for s in range(n_subsets):
+        name = f"urlsf_subset00-{s + 1}_data.xz"
+        files = {f"{s:03d}{k:04d}-doc.txt": paragraphs[s * per_subset + k].encode() for k in range(per_subset)}
+        subsets[f"openwebtext/{name}"] = _tar_xz(files)
+        docs[name] = [v.decode() for v in files.values()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_tar_xz(subsets))
+    return docs
+
+
+def test_openwebtext_archive_with_held_out_subsets(tmp_path, paragraphs):
+    docs = openwebtext_archive(tmp_path / "data" / "openwebtext" / "openwebtext.tar.xz", paragraphs)
+    store = prepare("openwebtext", cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data",
+                    validation_fraction=0.4, workers=1, progress=False)
+    held = {name: sources.in_validation(name, 0.4) for name in docs}
+    assert 0 < sum(held.values()) < len(docs)
+    for split, want in (("train", False), ("validation", True)):
+        expected = [d for name in docs if held[name] == want for d in docs[name]]
+        np.testing.assert_array_equal(store_tokens(store, split), encode_docs(expected))
+
+
+# --- bad inputs: one-line errors naming the file; nothing already prepared is lost ------------------
+
+
+@pytest.fixture
+def good_store(tmp_path, paragraphs):
+    write_corpus(tmp_path / "corpus", paragraphs)
+    cache = tmp_path / "cache"
+    store = prepare("text_files", cache_dir=cache, files=str(tmp_path / "corpus" / "*"), validation_fraction=0.1,
+                    workers=1, docs_per_shard=20, progress=False)
+    return cache, store, file_hashes(store)
+
+
+def run_cli(argv, capsys):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error: ")]
+    return rc, errors
+
+
+def test_bad_inputs_give_one_line_errors_and_keep_prepared_data(tmp_path, good_store, capsys, monkeypatch):
+    cache, store, before = good_store
+    cases = []
+    # Missing manual directory.
+    cases.append((["--dataset", "tiny_shakespeare", "--manual-dir", str(tmp_path / "nowhere")],
+                  f"{tmp_path / 'nowhere'}/tiny_shakespeare/"))
+    # Empty corpus.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.txt").write_bytes(b"")
+    cases.append((["--dataset", "text_files", "--files", str(tmp_path / "empty" / "*.txt")], "e.txt: empty corpus"))
+    # A glob matching nothing.
+    cases.append((["--dataset", "text_files", "--files", str(tmp_path / "none" / "*")], "no .txt/.jsonl file matches"))
+    # A jsonl line without the field.
+    (tmp_path / "nofield").mkdir()
+    (tmp_path / "nofield" / "n.jsonl").write_text('{"text": "fine"}\n{"body": "x"}\n')
+    cases.append((["--dataset", "text_files", "--files", str(tmp_path / "nofield" / "n.jsonl")],
+                  f"{tmp_path / 'nofield' / 'n.jsonl'}:2: no field 'text'"))
+    # A truncated archive.
+    archive = tmp_path / "data" / "openwebtext" / "openwebtext.tar.xz"
+    openwebtext_archive(archive, ["x" * 5000 + str(i) for i in range(20)])
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    cases.append((["--dataset", "openwebtext", "--manual-dir", str(tmp_path / "data"), "--validation-fraction", "0.5"],
+                  f"{archive}: truncated or damaged archive"))
+    for argv, needle in cases:
+        rc, errors = run_cli(["prepare", *argv, "--cache-dir", str(cache), "--quiet"], capsys)
+        assert rc == 1 and len(errors) == 1 and needle in errors[0], (argv, errors)
+        assert file_hashes(store) == before
+    # A store written by another tokenizer: refused by prepare and by the loaders, and kept as is.
+    monkeypatch.setattr(tokenizer, "tokenizer_hash", lambda: "0123456789abcdef")
+    rc, errors = run_cli(["prepare", "--dataset", "text_files", "--files", str(tmp_path / "corpus" / "*"),
+                          "--validation-fraction", "0.1", "--cache-dir", str(cache), "--quiet"], capsys)
+    assert rc == 1 and len(errors) == 1 and "written by tokenizer" in errors[0] and str(store) in errors[0]
+    with pytest.raises(DataError, match="manifest.json: written by tokenizer"):
+        TrainLoader(store, seq_len=8, batch_size=2, seed=0)
+    assert file_hashes(store) == before
+
+
+def test_catalog_without_tensorflow_says_so(tmp_path, monkeypatch):
+    real = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda n, *a: None if n == "tensorflow" else real(n, *a))
+    with pytest.raises(DataError, match=r"tfds:tiny_shakespeare: TFDS catalog builders need TensorFlow: pip install"):
+        prepare("tfds:tiny_shakespeare", cache_dir=tmp_path, progress=False)
+
+
+def test_prepare_is_idempotent_and_redoes_only_missing_shards(good_store):
+    cache, store, before = good_store
+    stamps = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+    again = prepare("text_files", cache_dir=cache, files=str(store.parents[2] / "corpus" / "*"),
+                    validation_fraction=0.1, workers=1, docs_per_shard=20, progress=False)
+    assert again == store and {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
+    # A crash after two shards: no manifest, a half-written temporary file, one shard missing.
+    (store / "manifest.json").unlink()
+    (store / "train-00001.bin").unlink()
+    (store / "train-00002.bin.tmp-999").write_bytes(b"\0" * 10)
+    with pytest.raises(DataError, match="not a finished token store"):
+        SplitTokens(store, "train")
+    prepare("text_files", cache_dir=cache, files=str(store.parents[2] / "corpus" / "*"), validation_fraction=0.1,
+            workers=1, docs_per_shard=20, progress=False)
+    assert file_hashes(store) == before
+    assert (store / "train-00000.bin").stat().st_mtime_ns == stamps["train-00000.bin"]  # not redone
+
+
+# --- loaders ---------------------------------------------------------------------------------------
+
+
+def take(loader, n):
+    return np.stack([next(loader) for _ in range(n)])
+
+
+def test_train_batches_are_store_windows_and_deterministic(ts_store):
+    store, _ = ts_store
+    tokens = store_tokens(store, "train")
+    a = take(TrainLoader(store, seq_len=32, batch_size=5, seed=1), 4)
+    assert a.dtype == np.int32 and a.shape == (4, 5, 33)
+    windows = {tokens[w * 32:w * 32 + 33].tobytes() for w in range((len(tokens) - 1) // 32)}
+    assert all(row.tobytes() in windows for row in a.reshape(-1, 33))
+    np.testing.assert_array_equal(a, take(TrainLoader(store, seq_len=32, batch_size=5, seed=1), 4))
+    b = take(TrainLoader(store, seq_len=32, batch_size=5, seed=2), 4)
+    assert not np.array_equal(a, b)
+    assert sorted(map(tuple, a.reshape(-1, 33))) != sorted(map(tuple, b.reshape(-1, 33)))
+
+
+def test_resume_in_new_process_is_bit_identical(ts_store, tmp_path):
+    store, _ = ts_store
+    k, n = 3, 4
+    full = take(TrainLoader(store, seq_len=16, batch_size=3, seed=7), k + n)
+    loader = TrainLoader(store, seq_len=16, batch_size=3, seed=7)
+    take(loader, k)
+    (tmp_path / "state.json").write_text(json.dumps(loader.get_state()))
+    script = (
+        "import json, sys, numpy as np\n"
+        "from gpt2_jax.data import TrainLoader\n"
+        "loader = TrainLoader(sys.argv[1], seq_len=16, batch_size=3, seed=7)\n"
+        "loader.set_state(json.loads(open(sys.argv[2]).read()))\n"
+        f"np.save(sys.argv[3], np.stack([next(loader) for _ in range({n})]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(store), str(tmp_path / "state.json"), str(tmp_path / "b.npy")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), full[k:])
+
+
+def test_set_state_refuses_other_settings(ts_store):
+    store, _ = ts_store
+    state = TrainLoader(store, seq_len=16, batch_size=3, seed=7).get_state()
+    with pytest.raises(DataError, match="seed"):
+        TrainLoader(store, seq_len=16, batch_size=3, seed=8).set_state(state)
+
+
+def test_two_processes_read_disjoint_slices_that_cover_the_split(ts_store):
+    store, _ = ts_store
+    seq_len, batch = 64, 16
+    tokens = store_tokens(store, "validation")
+    every = Counter(tuple(tokens[w * seq_len:w * seq_len + seq_len + 1]) for w in range((len(tokens) - 1) // seq_len))
+    seen = []
+    for shard in range(2):
+        loader = TrainLoader(store, "validation", seq_len=seq_len, batch_size=batch, seed=3, shard_index=shard,
+                             shard_count=2)
+        rows = take(loader, -(-loader.windows_per_epoch // batch)).reshape(-1, seq_len + 1)
+        seen.append(Counter(map(tuple, rows[:loader.windows_per_epoch])))
+    assert not set(seen[0]) & set(seen[1])
+    assert seen[0] + seen[1] == every
+
+
+def test_eval_windows_score_every_target_once():
+    for n, seq_len, stride in ((1, 4, None), (2, 4, None), (23, 4, None), (24, 5, 2), (100, 7, 3), (9, 8, 1)):
+        scored = Counter()
+        for start, length, first in eval_windows(n, seq_len, stride):
+            assert 1 <= length <= seq_len + 1 and start + length <= n
+            scored.update(range(start + first + 1, start + length))
+        assert scored == Counter(range(1, n)), (n, seq_len, stride)
+
+
+@pytest.mark.parametrize("stride", [None, 24])
+def test_eval_batches_score_each_token_once_across_processes(ts_store, stride):
+    store, _ = ts_store
+    tokens = store_tokens(store, "validation")
+    seq_len, batch = 32, 8
+    targets, n_batches = [], []
+    for shard in range(2):
+        batches = list(eval_batches(store, seq_len=seq_len, batch_size=batch, stride=stride, shard_index=shard,
+                                    shard_count=2))
+        n_batches.append(len(batches))
+        for b in batches:
+            assert b["tokens"].dtype == np.int32 and b["tokens"].shape == (batch, seq_len + 1)
+            assert b["mask"].dtype == np.float32 and b["mask"].shape == (batch, seq_len)
+            targets += b["tokens"][:, 1:][b["mask"] == 1].tolist()
+    assert n_batches[0] == n_batches[1]
+    assert Counter(targets) == Counter(tokens[1:].tolist())
+    first = next(eval_batches(store, seq_len=seq_len, batch_size=batch, stride=stride, max_batches=1))
+    np.testing.assert_array_equal(first["tokens"][0], tokens[:seq_len + 1])
+    assert len(list(eval_batches(store, seq_len=seq_len, batch_size=batch, max_batches=2))) == 2
+
+
+def test_cli_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["prepare", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--dataset", "--manual-dir", "--cache-dir", "--workers", "--docs-per-shard", "--files",
+                 "--validation-files", "--field", "--validation-fraction", "--feature", "--quiet"):
+        assert flag in out
+
+
+@pytest.mark.slow
+def test_killed_prepare_then_rerun_equals_clean_run(tmp_path, shared_data):
+    text = (shared_data / "tiny_shakespeare" / "input.txt").read_text(encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    chunks = [text[i:i + 40_000] for i in range(0, len(text), 40_000)]
+    for k in range(8):  # 8 x 1.1 MB in 28 documents each
+        (corpus / f"part{k}.jsonl").write_text("".join(json.dumps({"text": c + str(k)}) + "\n" for c in chunks))
+    args = ["--dataset", "text_files", "--files", str(corpus / "*.jsonl"), "--validation-fraction", "0.1",
+            "--docs-per-shard", "4", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2_jax.data", "prepare", *args, "--cache-dir", str(killed),
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = killed / "tokens"
+    try:
+        while not list(store.glob("*/train-*.json")):
+            assert proc.poll() is None, "prepare finished before it could be killed"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    (store,) = store.iterdir()
+    assert not (store / "manifest.json").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in store.glob("train-*.json")}
+    with pytest.raises(DataError, match="not a finished token store"):
+        TrainLoader(store, seq_len=8, batch_size=2, seed=0)
+    assert cli.main(["prepare", *args, "--cache-dir", str(killed), "--workers", "2"]) == 0
+    assert cli.main(["prepare", *args, "--cache-dir", str(tmp_path / "clean"), "--workers", "2"]) == 0
+    clean = tmp_path / "clean" / "tokens" / store.name
+    assert file_hashes(store) == file_hashes(clean)
+    assert {name: (store / name).stat().st_mtime_ns for name in done} == done  # finished shards were kept
+    assert len(load_manifest(clean)["splits"]["train"]["shards"]) > 40
