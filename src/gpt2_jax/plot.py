@@ -1,0 +1,113 @@
+"""Training curves from a run's metrics.jsonl: `python -m gpt2_jax.plot RUN_DIR` writes a PNG.
+
+Panels: training and validation loss, learning rate, and throughput (tokens/s, plus MFU when the
+run measured it). Lines of metrics.jsonl that are not JSON objects with a `step` are skipped and
+counted, so a run killed mid-write still plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class PlotError(ValueError):
+    """A run directory without usable metrics."""
+
+
+def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """Records of RUN_DIR/metrics.jsonl in step order (the last record wins for a repeated step
+    and key, as after a resume), and the number of unreadable lines skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise PlotError(f"{path} not found: pass a run directory written by `python -m gpt2_jax.train`")
+    by_step: dict[int, dict[str, Any]] = {}
+    skipped = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            step = int(rec["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            skipped += 1
+            continue
+        by_step.setdefault(step, {}).update(rec)
+    if not by_step:
+        raise PlotError(f"{path} holds no metrics yet")
+    return [by_step[s] for s in sorted(by_step)], skipped
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+    pts = [(s, v) for s, v in pts if math.isfinite(v)]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the run's curves to `out` (default RUN_DIR/curves.png), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, _ = read_metrics(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    ax = axes[0]
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=label)
+    ax.set(title="loss (nats/token)", xlabel="step")
+    ax.legend()
+    steps, values = _series(records, "lr")
+    axes[1].plot(steps, values)
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax = axes[2]
+    steps, values = _series(records, "tokens_per_s")
+    ax.plot(steps, values, label="tokens/s")
+    ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    steps, mfu = _series(records, "mfu")
+    if steps:
+        twin = ax.twinx()
+        twin.plot(steps, [100 * m for m in mfu], color="tab:red", label="MFU")
+        twin.set_ylabel("MFU (%)")
+    fig.suptitle(str(Path(run_dir).resolve().name))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.plot",
+        description="Plot training/validation loss, learning rate and throughput of a run to PNG.",
+    )
+    parser.add_argument("run_dir", help="run directory holding metrics.jsonl (written by gpt2_jax.train)")
+    parser.add_argument("--out", help="output PNG path (default: RUN_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    try:
+        records, skipped = read_metrics(args.run_dir)
+        out = plot_run(args.run_dir, args.out)
+    except (PlotError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    note = f" ({skipped} unreadable lines skipped)" if skipped else ""
+    print(f"wrote {out} from {len(records)} steps{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

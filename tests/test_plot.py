@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_jax import plot
+
+
+def _write_run(run, n=30):
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(0, n, 5):
+            f.write(json.dumps({"step": s, "loss": 10 - s / 10, "lr": 1e-3 * min(1, s / 10), "tokens_per_s": 1000.0}) + "\n")
+            if s % 10 == 0:
+                f.write(json.dumps({"step": s, "val_loss": 10.5 - s / 10}) + "\n")
+        f.write('{"step": 99, "loss": 1.0')  # a line cut short by a kill
+
+
+def test_read_metrics_merges_and_skips(tmp_path):
+    _write_run(tmp_path / "run")
+    records, skipped = plot.read_metrics(tmp_path / "run")
+    assert skipped == 1 and [r["step"] for r in records] == [0, 5, 10, 15, 20, 25]
+    assert records[2]["val_loss"] == 9.5 and records[2]["loss"] == 9.0
+
+
+def test_cli_writes_png(tmp_path):
+    _write_run(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "gpt2_jax.plot", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    png = (tmp_path / "run" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "1 unreadable lines skipped" in proc.stdout
+
+
+@pytest.mark.parametrize("content", [None, ""])
+def test_cli_one_line_errors(tmp_path, content):
+    (tmp_path / "run").mkdir()
+    if content is not None:
+        (tmp_path / "run" / "metrics.jsonl").write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "gpt2_jax.plot", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err
