@@ -1,0 +1,3 @@
+from gpt2_jax.eval.cli import main
+
+raise SystemExit(main())

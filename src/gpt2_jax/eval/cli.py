@@ -1,0 +1,220 @@
+"""`python -m gpt2_jax.eval`: load a model, run tasks, print a table and write a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from gpt2_jax.config import PRESETS, ConfigError, ModelConfig
+from gpt2_jax.eval.scoring import Scorer
+from gpt2_jax.eval.tasks import (
+    DATA_DIR_ENV, PAPER_SOURCE, PAPER_TABLE_3, PROTOCOLS, SPLITS, TASKS, EvalError, Options, _sha256,
+)
+
+PAPER_NAMES = {"small": "117M", "medium": "345M", "large": "762M", "xl": "1542M"}
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Any, str]:
+    """(config, params, kind) from an HF GPT-2 directory or a gpt2_jax checkpoint / run directory."""
+    from gpt2_jax import checkpoint, convert
+
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalError(f"--model {path}: not a directory")
+    # An HF directory has HF weight files beside its config.json (a gpt2_jax checkpoint's
+    # config.json has the same field names, but its weights are in params/).
+    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    is_hf = (path / "config.json").is_file() and any((path / w).is_file() for w in hf_weights)
+    try:
+        if is_hf:
+            cfg, params = convert.load_hf(path)
+            return cfg, params, "huggingface"
+        cfg, params = checkpoint.load_params(path)
+        return cfg, params, "gpt2_jax"
+    except (convert.ConversionError, checkpoint.CheckpointError, ConfigError, OSError) as e:
+        raise EvalError(f"--model {path}: {e}") from e
+
+
+def params_sha256(params: Any) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes (the weights' identity)."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for key, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(key)}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def paper_size(cfg: ModelConfig) -> str | None:
+    """The released GPT-2 size whose shape `cfg` has (small/medium/large/xl), else None."""
+    for size in PAPER_NAMES:
+        p = PRESETS[size]
+        if (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.vocab_size) == (
+            p["n_layer"], p["n_embd"], p["n_head"], 1024, 50257
+        ):
+            return size
+    return None
+
+
+def parse_tasks(spec: str) -> list[str]:
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if "all" in tasks:
+        return list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"unknown task {', '.join(unknown) or repr(spec)}; valid tasks: {', '.join(TASKS)}, all")
+    return list(dict.fromkeys(tasks))
+
+
+def evaluate(
+    config: ModelConfig,
+    params: Any,
+    tasks: list[str],
+    opts: Options,
+    *,
+    batch_size: int = 8,
+    model_info: dict[str, Any] | None = None,
+    devices=None,
+) -> dict[str, Any]:
+    """Run `tasks` and return the full report (model identity, protocol settings, every figure)."""
+    size = paper_size(config)
+    scorer = Scorer(config, params, batch_size=batch_size, devices=devices)
+    report: dict[str, Any] = {
+        "model": {
+            **(model_info or {}),
+            "config": config.to_dict(),
+            "params_sha256": params_sha256(params),
+            "paper_size": PAPER_NAMES.get(size or ""),
+        },
+        "protocol": {
+            "split": opts.split,
+            "n_ctx": config.n_ctx,
+            "stride": opts.stride_for(scorer),
+            "limit": opts.limit,
+            "document_prefix": "<|endoftext|>",
+            "data_dir": str(opts.data_dir),
+            "batch_size": scorer.batch_size,
+            "devices": [str(d) for d in scorer.mesh.devices.flat],
+        },
+        "paper_source": PAPER_SOURCE,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": {},
+    }
+    for task in tasks:
+        before, t0 = scorer.tokens_scored, time.perf_counter()
+        result = TASKS[task](scorer, opts)
+        seconds = time.perf_counter() - t0
+        result.pop("correct", None)
+        if "file" in result.get("data", {}):
+            result["data"]["sha256"] = _sha256(Path(result["data"]["file"]))
+        result["protocol"] = PROTOCOLS[task]
+        result["paper"] = {
+            metric: values[size] for (t, metric), values in PAPER_TABLE_3.items() if t == task and size
+        }
+        result["seconds"] = seconds
+        result["tokens_per_second"] = (scorer.tokens_scored - before) / seconds if seconds else None
+        report["tasks"][task] = result
+    return report
+
+
+def _fmt(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.2f}" if abs(x) >= 10 else f"{x:.4f}"
+
+
+def render_table(report: dict[str, Any], *, compare_paper: bool = False, markdown: bool = False) -> str:
+    """The report's figures as a table: plain aligned columns, or Markdown."""
+    paper_col = f"paper ({report['model'].get('paper_size') or 'no matching size'})"
+    header = ["task", "metric", "value"] + ([paper_col] if compare_paper else [])
+    rows = []
+    for task, result in report["tasks"].items():
+        for metric, value in result["metrics"].items():
+            row = [task, metric, _fmt(value)]
+            if compare_paper:
+                row.append(_fmt(result["paper"].get(metric)))
+            rows.append(row)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    notes = []
+    if report["protocol"]["limit"] is not None:
+        notes.append(f"limited to the first {report['protocol']['limit']} documents/examples/lines/bytes per task")
+    if compare_paper:
+        notes.append(f"paper: {PAPER_SOURCE}; acc in %")
+    return "\n".join(lines + [f"({n})" for n in notes])
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.eval",
+        description="Evaluate a GPT-2 on the GPT-2 paper's zero-shot language-modeling tasks.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="a gpt2_jax params-only checkpoint, a training run or checkpoint directory, "
+                             "or a Hugging Face GPT-2 directory (config.json + weights, converted on the fly)")
+    parser.add_argument("--task", required=True,
+                        help=f"comma-separated tasks: {', '.join(TASKS)}, or all")
+    parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
+                        help=f"directory with one folder per data set (default ${DATA_DIR_ENV})")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="data split (default test, as in the paper; LAMBADA and lm1b always use test)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="sliding-window stride in tokens for long texts (default half the context)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="rows per batch over all devices (rounded up to a multiple of the device count)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N documents / examples (webtext, lambada, cbt, lm1b), lines "
+                             "(wikitext, ptb) or bytes of the split (enwik8, text8), for quick runs")
+    parser.add_argument("--compare", choices=["paper"], default=None,
+                        help="'paper': add the GPT-2 paper's Table 3 figure for the model's size")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--output", default="eval_results.json", help="JSON report path (default eval_results.json)")
+    args = parser.parse_args(argv)
+    try:
+        tasks = parse_tasks(args.task)
+        if args.data_dir is None:
+            raise EvalError(f"no data directory: pass --data-dir or set ${DATA_DIR_ENV}")
+        if args.stride is not None and args.stride < 1:
+            raise EvalError(f"--stride must be positive, got {args.stride}")
+        if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+            raise EvalError("--batch-size and --limit must be positive")
+        config, params, kind = load_model(args.model)
+        if args.stride is not None and args.stride > config.n_ctx:
+            raise EvalError(f"--stride {args.stride} exceeds the model's context n_ctx={config.n_ctx}")
+        opts = Options(Path(args.data_dir), split=args.split, stride=args.stride, limit=args.limit)
+        info = {"path": str(Path(args.model).absolute()), "kind": kind}
+        report = evaluate(config, params, tasks, opts, batch_size=args.batch_size, model_info=info)
+        _write_json(Path(args.output), report)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(render_table(report, compare_paper=args.compare == "paper", markdown=args.markdown))
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,365 @@
+"""Evaluation: windows, detokenizers, word counts, parity with HF transformers, every task, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from gpt2_jax import checkpoint, convert
+from gpt2_jax.eval import (
+    EvalError, Options, Scorer, count_words, moses_detokenize, ptb_detokenize, sliding_windows, wikitext_detokenize,
+)
+from gpt2_jax.eval import cli, tasks
+from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from helpers import random_hf_gpt2
+
+N_CTX = 128
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random tiny GPT-2 with the real vocabulary, saved as an HF directory."""
+    d = tmp_path_factory.mktemp("hf_tiny")
+    random_hf_gpt2(d, vocab_size=50257, n_positions=N_CTX, n_embd=80, n_layer=2, n_head=5, seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def scorer(hf_dir):
+    cfg, params = convert.load_hf(hf_dir)
+    return Scorer(cfg, params, batch_size=8)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")
+
+
+# --- sliding windows ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_tokens,n_ctx,stride,first", [(1, 8, 4, 1), (9, 8, 4, 1), (10, 8, 4, 1), (57, 8, 3, 1),
+                                                         (57, 8, 8, 1), (57, 8, 1, 1), (40, 8, 4, 35), (40, 8, 4, 20)])
+def test_windows_score_every_target_once_with_context(n_tokens, n_ctx, stride, first):
+    seen = []
+    for w in sliding_windows(n_tokens, n_ctx, stride, first):
+        assert 0 <= w.start < w.end < n_tokens and w.end - w.start <= n_ctx
+        targets = list(range(w.start + 1, w.end + 1))[w.skip:]
+        assert targets, "a window that scores nothing"
+        # After the first window every scored target sees at least n_ctx - stride tokens.
+        if seen:
+            assert targets[0] - w.start >= min(n_ctx - stride + 1, targets[0])
+        seen += targets
+    assert seen == list(range(first, n_tokens))
+
+
+def test_windows_give_a_late_target_the_whole_context():
+    (w,) = sliding_windows(300, 128, 64, first_target=297)
+    assert (w.start, w.end, w.skip) == (171, 299, 125)
+
+
+# --- detokenizers and word counts on real lines ----------------------------------------------------
+
+
+def test_wikitext_detokenizer_on_real_lines(shared_data):
+    lines = _lines(shared_data / "wikitext2" / "wiki.valid.tokens")
+    assert lines[1] == " = Homarus gammarus = "
+    assert wikitext_detokenize(lines[1]) == "= Homarus gammarus ="
+    assert wikitext_detokenize(lines[5]) == "== Description =="
+    assert wikitext_detokenize(lines[12]) == (
+        "The spines on the claws of H. americanus are red or red-tipped, while those of H. gammarus are "
+        "white or white-tipped."
+    )
+    line17 = wikitext_detokenize(lines[17])
+    assert "length of 80 – 85 millimetres (3.1 – 3.3 in), whereas males" in line17
+    assert 'are said to be "<unk>" and can be found' in line17
+    assert "20,000 survives" in wikitext_detokenize(lines[18])
+    assert wikitext_detokenize(" \n") == "\n"
+
+
+def test_ptb_detokenizer_on_real_lines(shared_data):
+    lines = _lines(shared_data / "ptb" / "ptb.valid.txt")
+    assert ptb_detokenize(lines[1]) == (
+        "<unk> <unk> watching abc's monday night football can now vote during <unk> for the greatest "
+        "play in N years from among four or five <unk> <unk>"
+    )
+    assert ptb_detokenize(lines[49]) == "that'll save us time and get people involved"
+    assert ptb_detokenize(lines[7]).startswith("we've been spending")
+
+
+def test_moses_detokenizer_cbt_style():
+    text = "`` Oh , I 'm so sorry , '' said the King ( quietly ) ; and she did n't ."
+    assert moses_detokenize(text) == '"Oh, I\'m so sorry," said the King (quietly); and she didn\'t.'
+
+
+def test_detokenizers_only_remove_inserted_spaces(shared_data):
+    """Invertible in the sense that matters for the word count: no word is lost or merged except
+    across the spaces the tokenizer inserted (checked: same non-space characters, modulo escapes)."""
+    for name, detok in [("wikitext2/wiki.valid.tokens", wikitext_detokenize), ("ptb/ptb.valid.txt", ptb_detokenize)]:
+        original = (shared_data / name).read_text(encoding="utf-8")
+        squeeze = lambda s: "".join(s.replace("@-@", "-").replace("@,@", ",").replace("@.@", ".").split())
+        assert squeeze(detok(original)) == squeeze(original)
+        assert detok(original).count("\n") == original.count("\n")
+
+
+def test_word_counts_match_the_original_splits(shared_data):
+    # Published sizes: PTB validation 73,760 words (Mikolov's data, with <eos>), WikiText-2
+    # validation 217,646 tokens (Merity et al. 2016, Table 1).
+    for name, published in [("ptb/ptb.valid.txt", 73_760), ("wikitext2/wiki.valid.tokens", 217_646)]:
+        text = (shared_data / name).read_text(encoding="utf-8")
+        n_lines = text.count("\n") + (not text.endswith("\n"))  # PTB's last line has no newline
+        independent = len(text.split()) + n_lines  # one <eos> per line
+        assert count_words(text) == independent == published
+
+
+# --- parity with Hugging Face transformers ------------------------------------------------------
+
+
+def _hf_windowed_nll(model, ids: list[int], n_ctx: int, stride: int) -> tuple[float, int]:
+    """Total NLL of ids[1:] with HF: window k scores targets up to 1 + n_ctx + k*stride."""
+    total, count, prev_end, k = 0.0, 0, 1, 0
+    while prev_end < len(ids):
+        end = min(len(ids), 1 + n_ctx + k * stride)
+        lo = max(0, end - 1 - n_ctx)
+        window = torch.tensor([ids[lo:end]])
+        labels = window.clone()
+        labels[0, : prev_end - lo] = -100  # context, or scored by an earlier window
+        with torch.no_grad():
+            loss = model(window[:, :-1], labels=None).logits.log_softmax(-1)
+        logp = loss[0].gather(-1, window[0, 1:, None])[:, 0].double()
+        keep = labels[0, 1:] != -100
+        total -= float(logp[keep].sum())
+        count += int(keep.sum())
+        prev_end, k = end, k + 1
+    return total, count
+
+
+def test_wikitext2_token_perplexity_matches_hf(hf_dir, scorer, shared_data):
+    original = "".join((shared_data / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(True)[:45])
+    ours = tasks.score_corpus(scorer, original, wikitext_detokenize, stride=N_CTX // 2, desc="wikitext2")
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ids = [EOT_ID, *get_tokenizer().encode_ordinary(wikitext_detokenize(original))]
+    assert len(ids) > 6 * N_CTX  # several windows
+    nll, n = _hf_windowed_nll(hf, ids, N_CTX, N_CTX // 2)
+    assert ours["counts"]["tokens"] == n == len(ids) - 1
+    np.testing.assert_allclose(ours["metrics"]["ppl_token"], math.exp(nll / n), rtol=1e-4)
+    np.testing.assert_allclose(ours["metrics"]["ppl_word"], math.exp(nll / count_words(original)), rtol=1e-4)
+
+
+def _biased_hf_dir(hf_dir: Path, out: Path, tokens: list[int], alpha: float) -> Path:
+    """The tiny model with its final LayerNorm bias pushed toward `tokens`: the argmax is one of
+    them at most positions, which one depends on the context, so LAMBADA accuracy is not 0."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        wte = hf.transformer.wte.weight
+        hf.transformer.ln_f.bias.add_(alpha * sum(wte[t] / wte[t].norm() for t in tokens))
+    hf.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_lambada_first_200_matches_hf(hf_dir, shared_data, tmp_path):
+    texts = [json.loads(l)["text"] for l in _lines(shared_data / "lambada" / "lambada_test.jsonl")[:200]]
+    enc = get_tokenizer()
+    words = [tasks.lambada_split(t)[1] for t in texts]
+    frequent = sorted(set(words), key=lambda w: (-words.count(w), w))[:3]  # " Gabriel", " Shane", ...
+    biased = _biased_hf_dir(hf_dir, tmp_path / "biased", [enc.encode_ordinary(w)[0] for w in frequent], 10.0)
+    cfg, params = convert.load_hf(biased)
+    ours = tasks.score_lambada(Scorer(cfg, params, batch_size=8), texts)
+
+    # HF: greedy decoding reproduces the word iff each of its tokens is the argmax given the
+    # context and the word's earlier tokens (teacher forcing); context truncated on the left to fit.
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(biased).eval()
+    hf_correct, hf_last, margins = [], [], []
+    for text in texts:
+        context, word = tasks.lambada_split(text)
+        target = enc.encode_ordinary(word)
+        seq = ([EOT_ID, *enc.encode_ordinary(context)] + target)[-(N_CTX + 1):]
+        with torch.no_grad():
+            hidden = hf.transformer(torch.tensor([seq[:-1]])).last_hidden_state[0, -len(target):]
+            logits = hf.lm_head(hidden)  # only the word's positions: the vocabulary matmul dominates
+        rival = logits.clone()
+        rival[torch.arange(len(target)), target] = -float("inf")
+        margins.append(float((logits[torch.arange(len(target)), target] - rival.max(-1).values).abs().min()))
+        hf_correct.append(logits.argmax(-1).tolist() == target)
+        hf_last.append(int(logits[-1].argmax()) == target[-1])
+    assert min(margins) > 1e-3  # target vs best other token never near a tie: the comparison is exact, not luck
+    assert 0 < sum(hf_correct) < len(texts)
+    assert ours["correct"] == hf_correct
+    assert ours["metrics"]["acc"] == 100.0 * sum(hf_correct) / len(texts)
+    assert ours["metrics"]["acc_last_token"] == 100.0 * sum(hf_last) / len(texts)
+
+
+def test_lambada_accuracy_needs_every_token_of_the_word(scorer):
+    text = "The cat sat on the mat and looked at the antidisestablishmentarianism"
+    res = tasks.score_lambada(scorer, [text])
+    _, word = tasks.lambada_split(text)
+    assert res["counts"]["target_tokens"] == len(get_tokenizer().encode_ordinary(word)) > 1
+    assert res["metrics"]["acc"] <= res["metrics"]["acc_last_token"] or res["metrics"]["acc"] == 0.0
+
+
+def test_sharded_scoring_equals_one_device(hf_dir):
+    cfg, params = convert.load_hf(hf_dir)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 50257, size=n).astype(np.int32) for n in (129, 100, 128, 80, 2, 16, 9, 12, 5)]
+    one = Scorer(cfg, params, batch_size=4, devices=jax.devices()[:1]).score(rows)
+    eight = Scorer(cfg, params, batch_size=8).score(rows)
+    assert len(jax.devices()) == 8
+    for (a, ha), (b, hb) in zip(one, eight):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ha, hb)
+
+
+# --- every task end to end -----------------------------------------------------------------------
+
+
+def _write_cbt(path: Path, answers: list[str], kind: str) -> None:
+    story = [f"{i} `` Sentence number {i} , '' said the old Rabbit to {['Tom', 'Anna'][i % 2]} ." for i in range(1, 21)]
+    blocks = []
+    for a in answers:
+        cands = ["Tom", "Anna", "Rabbit", "garden", "house", "tree", "King", "Queen", "river", "hill"]
+        blocks.append("\n".join(story + [f"21 Then XXXXX went home with the {kind} .\t{a}\t\t{'|'.join(cands)}"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_data):
+    """Shared corpora plus small test-made files in the original formats of the other data sets."""
+    d = tmp_path_factory.mktemp("data")
+    for name in ("lambada", "wikitext2", "ptb"):
+        (d / name).symlink_to(shared_data / name)
+    wt103 = d / "wikitext103"
+    wt103.mkdir()
+    (wt103 / "wiki.valid.tokens").write_text("".join(_lines(shared_data / "wikitext2" / "wiki.valid.tokens")[:1])
+                                             + "\n" + "\n".join(_lines(shared_data / "wikitext2" / "wiki.valid.tokens")[100:112]) + "\n")
+    (d / "webtext").mkdir()
+    docs = [{"id": i, "ended": True, "length": 10, "text": t} for i, t in enumerate(
+        ["Hello world. This is a WebText document.", "Ünïcödé text – with “quotes” and 東京.", "x" * 700])]
+    (d / "webtext" / "webtext.valid.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    _write_cbt(d / "cbt" / "cbtest_CN_valid_2000ex.txt", ["garden", "tree", "house"], "basket")
+    _write_cbt(d / "cbt" / "cbtest_NE_valid_2000ex.txt", ["Tom", "Anna"], "Queen")
+    xml = ("<page><title>Ñandú</title><text>The rhea – ñandú in Spanish – is a bird. 東京 [[Link]]</text></page>\n" * 300).encode()
+    (d / "enwik8").mkdir()
+    with zipfile.ZipFile(d / "enwik8" / "enwik8.zip", "w") as z:
+        z.writestr("enwik8", xml)
+    (d / "text8").mkdir()
+    (d / "text8" / "text8").write_text(" anarchism originated as a term of abuse first used against early working class radicals" * 60)
+    return d
+
+
+def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
+    ckpt = checkpoint.save_params(tmp_path / "ckpt", *convert.load_hf(hf_dir))  # the gpt2_jax checkpoint path
+    out = tmp_path / "report.json"
+    rc = cli.main(["--model", str(ckpt), "--task", "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8",
+                   "--data-dir", str(data_dir), "--split", "valid", "--limit", "12", "--compare", "paper",
+                   "--markdown", "--output", str(out)])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert rc == 0, captured.err
+    report = json.loads(out.read_text())
+    assert report["model"]["kind"] == "gpt2_jax" and report["model"]["config"]["n_ctx"] == N_CTX
+    assert report["model"]["params_sha256"] == cli.params_sha256(convert.load_hf(hf_dir)[1])
+    t = report["tasks"]
+    expected = {"webtext": "ppl_byte", "wikitext2": "ppl_word", "wikitext103": "ppl_word", "ptb": "ppl_word",
+                "lambada": "acc", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char"}
+    for task, metric in expected.items():
+        assert math.isfinite(t[task]["metrics"][metric]), task
+        assert t[task]["protocol"] and len(t[task]["data"]["sha256"]) == 64
+        assert f"| {task} | {metric} |" in printed
+    assert t["webtext"]["counts"] == {"documents": 3, "tokens": t["webtext"]["counts"]["tokens"],
+                                      "bytes": sum(len(x.encode()) for x in ["Hello world. This is a WebText document.",
+                                                                          "Ünïcödé text – with “quotes” and 東京.", "x" * 700])}
+    assert t["cbt-cn"]["counts"] == {"questions": 3, "candidates": 30}
+    assert t["lambada"]["counts"]["passages"] == 12
+    assert t["enwik8"]["counts"]["bytes"] == 12 and t["text8"]["counts"]["characters"] == 12
+    # Word counts used for normalization are those of the original (limited) split.
+    ptb12 = "".join((data_dir / "ptb" / "ptb.valid.txt").read_text().splitlines(True)[:12])
+    assert t["ptb"]["counts"]["words"] == len(ptb12.split()) + 12
+    assert report["protocol"]["stride"] == N_CTX // 2
+    assert "paper (no matching size)" in printed
+
+
+def test_full_bytes_split_and_paper_column(scorer, data_dir):
+    res = tasks.eval_text8(scorer, Options(data_dir, split="test"))
+    assert res["counts"]["characters"] == len((data_dir / "text8" / "text8").read_bytes()) - len((data_dir / "text8" / "text8").read_bytes()) * 95 // 100
+    report = {"model": {"paper_size": "117M"}, "protocol": {"limit": None},
+              "tasks": {"text8": {"metrics": {"bits_per_char": 1.5}, "paper": {"bits_per_char": 1.17}}}}
+    table = cli.render_table(report, compare_paper=True)
+    assert "paper (117M)" in table and "1.1700" in table and "1.5000" in table
+
+
+def test_paper_size_matches_released_shapes():
+    from gpt2_jax.config import get_model_config
+
+    assert [cli.paper_size(get_model_config(s)) for s in ("tiny", "small", "medium", "large", "xl")] == [
+        None, "small", "medium", "large", "xl"]
+
+
+def test_lm1b_sentences_per_word(scorer):
+    sents = ["The dog did n't bark .", "`` Yes , '' she said ."]
+    res = tasks.score_sentences(scorer, sents, stride=64, desc="lm1b")
+    assert res["counts"]["words"] == 6 + 1 + 7 + 1
+    assert math.isclose(res["metrics"]["ppl_word"], math.exp(res["nll"] / 15))
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def _run_main(args, capsys):
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def test_unknown_task_lists_valid_ones(capsys):
+    rc, err = _run_main(["--model", "x", "--task", "wikitext2,squad", "--data-dir", "."], capsys)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: unknown task squad; valid tasks: webtext,")
+
+
+def test_model_dir_that_is_not_one(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hi")
+    rc, err = _run_main(["--model", str(tmp_path), "--task", "ptb", "--data-dir", "."], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "is not a gpt2_jax checkpoint" in err
+    rc, err = _run_main(["--model", str(tmp_path / "nope"), "--task", "ptb", "--data-dir", "."], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "not a directory" in err
+
+
+def test_missing_data_file_says_where_to_get_it(hf_dir, tmp_path, capsys):
+    rc, err = _run_main(["--model", str(hf_dir), "--task", "wikitext103", "--data-dir", str(tmp_path)], capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert f"{tmp_path}/wikitext103/wiki.test.tokens not found" in err
+    assert "download https://wikitext.smerity.com/wikitext-103-v1.zip" in err
+
+
+def test_jsonl_line_without_text(hf_dir, tmp_path, capsys):
+    (tmp_path / "webtext").mkdir()
+    (tmp_path / "webtext" / "webtext.test.jsonl").write_text('{"text": "fine"}\n{"id": 2, "length": 3}\n')
+    rc, err = _run_main(["--model", str(hf_dir), "--task", "webtext", "--data-dir", str(tmp_path)], capsys)
+    assert rc == 1 and err.count("\n") == 1 and 'webtext.test.jsonl:2: line has no "text" string' in err
+
+
+def test_lm1b_without_tensorflow(hf_dir, tmp_path, capsys):
+    rc, err = _run_main(["--model", str(hf_dir), "--task", "lm1b", "--data-dir", str(tmp_path)], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "pip install 'gpt2_jax[tf]'" in err
+
+
+def test_cli_subprocess_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gpt2_jax.eval", "--model", str(tmp_path), "--task", "nope",
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: unknown task nope") and proc.stderr.count("\n") == 1
