@@ -3,7 +3,8 @@
 Training windows are fixed: window w holds tokens [w*T, w*T + T + 1), so consecutive windows share
 one token and every token after the first is a target exactly once per epoch. Each process keeps
 the windows w with w % shard_count == shard_index (it never reads the others), shuffles them with
-the seed (reshuffled every epoch) and batches them; batches are prefetched in background threads.
+the seed (reshuffled every epoch) and batches them; batches are read and prefetched in background
+threads.
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ class TrainLoader:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.shard_index, self.shard_count = shard_index, shard_count
         self.num_windows = len(windows)  # in the whole split, all processes together
-        ds = grain.MapDataset.source(windows)[shard_index::shard_count]
+        ds = grain.MapDataset.range(len(windows))[shard_index::shard_count]
         self.windows_per_epoch = len(ds)  # this process's slice
+        # Shuffle and batch window indices, then read a whole batch at once: Grain's per-element
+        # overhead is paid on small ints, not on token arrays.
         ds = ds.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+        ds = ds.map(lambda idx: np.stack([windows[i] for i in idx]))
         self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
     def __iter__(self) -> "TrainLoader":

@@ -83,7 +83,9 @@ def _tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
             records = source.__getitems__(list(range(lo, min(lo + _READ_CHUNK, task["stop"]))))
             for i, record in enumerate(records, lo):
                 raw = record[task["feature"]]
-                text, bad = decode_text(raw) if isinstance(raw, bytes) else (str(raw), 0)
+                if not isinstance(raw, bytes):
+                    raw = str(raw).encode("utf-8", errors="surrogateescape")
+                text, bad = decode_text(raw)
                 bad += int(record.get("replaced_bytes", 0))
                 if bad:
                     src = record.get("source", b"")
@@ -94,7 +96,7 @@ def _tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
                     f.write(data)
                     digest.update(data)
                 n_tokens += len(ids) + 1
-                n_bytes += len(text.encode("utf-8"))
+                n_bytes += len(raw)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, bin_path)
@@ -187,7 +189,7 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
             # forkserver: workers fork from a clean server that imported this module once (plain
             # fork is unsafe in a process running JAX/Grain threads; spawn re-imports TFDS per worker).
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
+            ctx.set_forkserver_preload(["gpt2_jax.data._forkserver"])
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
                 futures = {pool.submit(_tokenize_shard, t): t for t in todo}
                 for fut in concurrent.futures.as_completed(futures):
@@ -274,4 +276,6 @@ class SplitTokens:
             parts.append(self.shards[i][lo:hi])
             start += hi - lo
             i += 1
-        return np.concatenate(parts).astype(np.int32) if len(parts) != 1 else parts[0].astype(np.int32)
+        if not parts:
+            return np.zeros(0, np.int32)
+        return np.concatenate(parts).astype(np.int32) if len(parts) > 1 else parts[0].astype(np.int32)
