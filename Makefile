@@ -15,6 +15,8 @@ help:
 	@echo "make install   create $(VENV) and install gpt2_jax with its test dependencies"
 	@echo "make test      run the test suite (under 15 minutes on 2 CPU cores)"
 	@echo "make test-slow run the end-to-end tests marked slow (CI runs both)"
+	@echo "make eval     evaluate MODEL=dir on TASKS=lambada,wikitext2,... (SPLIT=test|valid, EVAL_ARGS=...)"
+	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside"
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +30,19 @@ test:
 # pytest exits 5 when no test carries the mark: not a failure.
 test-slow:
 	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Zero-shot evaluation (python -m gpt2_jax.eval --help); data sets are read from GPT2_JAX_DATA_DIR.
+.PHONY: eval paper-table
+MODEL ?=
+TASKS ?= lambada,wikitext2,ptb
+SPLIT ?= test
+EVAL_ARGS ?=
+PAPER_TASKS := lambada,cbt-cn,cbt-ne,wikitext2,ptb,enwik8,text8,wikitext103,lm1b
+eval:
+	@test -n "$(MODEL)" || { echo "error: make eval needs MODEL=<run, checkpoint or HF directory>" >&2; exit 2; }
+	$(PY) -m gpt2_jax.eval --model $(MODEL) --task $(TASKS) --split $(SPLIT) $(EVAL_ARGS)
+
+paper-table:
+	@test -n "$(MODEL)" || { echo "error: make paper-table needs MODEL=<run, checkpoint or HF directory>" >&2; exit 2; }
+	$(PY) -m gpt2_jax.eval --model $(MODEL) --task $(PAPER_TASKS) --split test --compare paper --markdown \
+		--output $(MODEL)/paper_table.json $(EVAL_ARGS)

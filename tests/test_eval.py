@@ -363,3 +363,20 @@ def test_cli_subprocess_one_line_error(tmp_path):
                            "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: unknown task nope") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_webtext_on_a_prepared_data_set(hf_dir, shared_data, tmp_path, capsys):
+    from gpt2_jax.data import SplitTokens, eval_batches, prepare
+
+    out = tmp_path / "r.json"
+    rc = cli.main(["--model", str(hf_dir), "--task", "webtext", "--dataset", "tiny_shakespeare", "--limit", "2",
+                   "--data-dir", str(shared_data), "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())["tasks"]["webtext"]
+    store = prepare("tiny_shakespeare", cache_dir=tmp_path / "cache", manual_dir=shared_data, progress=False)
+    batches = list(eval_batches(store, "validation", seq_len=N_CTX, batch_size=8, stride=N_CTX // 2, max_batches=2))
+    targets = np.concatenate([b["tokens"][:, 1:][b["mask"] > 0] for b in batches])
+    assert res["counts"]["tokens"] == len(targets) == 2 * 8 * N_CTX // 2 + N_CTX // 2
+    assert res["counts"]["bytes"] == len(get_tokenizer().decode_bytes(targets.tolist()))
+    assert math.isfinite(res["metrics"]["ppl_byte"]) and len(SplitTokens(store, "validation")) > len(targets)

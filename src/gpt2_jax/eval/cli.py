@@ -105,6 +105,7 @@ def evaluate(
             "limit": opts.limit,
             "document_prefix": "<|endoftext|>",
             "data_dir": str(opts.data_dir),
+            "webtext_dataset": opts.dataset,
             "batch_size": scorer.batch_size,
             "devices": [str(d) for d in scorer.mesh.devices.flat],
         },
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N documents / examples (webtext, lambada, cbt, lm1b), lines "
                              "(wikitext, ptb) or bytes of the split (enwik8, text8), for quick runs")
+    parser.add_argument("--dataset", default=None,
+                        help="webtext task: score the validation split of this prepared data set "
+                             "(a gpt2_jax.data name such as openwebtext or tiny_shakespeare) instead of "
+                             "OpenAI's webtext.SPLIT.jsonl; --limit then counts batches")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where prepared data sets are kept (default $GPT2_JAX_CACHE_DIR or ~/.cache/gpt2_jax)")
     parser.add_argument("--compare", choices=["paper"], default=None,
                         help="'paper': add the GPT-2 paper's Table 3 figure for the model's size")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         config, params, kind = load_model(args.model)
         if args.stride is not None and args.stride > config.n_ctx:
             raise EvalError(f"--stride {args.stride} exceeds the model's context n_ctx={config.n_ctx}")
-        opts = Options(Path(args.data_dir), split=args.split, stride=args.stride, limit=args.limit)
+        opts = Options(Path(args.data_dir), split=args.split, stride=args.stride, limit=args.limit,
+                       dataset=args.dataset, cache_dir=args.cache_dir)
         info = {"path": str(Path(args.model).absolute()), "kind": kind}
         report = evaluate(config, params, tasks, opts, batch_size=args.batch_size, model_info=info)
         _write_json(Path(args.output), report)

@@ -95,6 +95,12 @@ class Scorer:
     def n_ctx(self) -> int:
         return self.config.n_ctx
 
+    def score_array(self, tokens_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probs and argmax hits [B, L-1] of a ready batch (B = batch_size, L <= n_ctx + 1)."""
+        logp, hit = self._fn(self.params, jax.device_put(np.asarray(tokens_BL, np.int32), self._rows))
+        self.tokens_scored += tokens_BL.shape[0] * (tokens_BL.shape[1] - 1)
+        return np.asarray(logp, np.float64), np.asarray(hit)
+
     def score(self, rows: Sequence[np.ndarray], desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
         """For each row of 2..n_ctx+1 tokens: (log-probs [len-1] float64, argmax hits [len-1] bool)."""
         for r in rows:

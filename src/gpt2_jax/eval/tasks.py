@@ -9,6 +9,7 @@ the token that separated documents in GPT-2's training data, so its first real t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from gpt2_jax.eval.detokenize import count_words, moses_detokenize, ptb_detokenize, wikitext_detokenize
 from gpt2_jax.eval.scoring import Scorer
@@ -143,6 +145,8 @@ class Options:
     split: str = "test"
     stride: int | None = None  # default: half the context
     limit: int | None = None  # first N documents / examples / lines / characters (quick runs)
+    dataset: str | None = None  # webtext: a prepared data set's validation split instead of the jsonl
+    cache_dir: Path | None = None  # where `gpt2_jax.data.prepare` keeps token stores
 
     def stride_for(self, scorer: Scorer) -> int:
         return self.stride if self.stride is not None else max(1, scorer.n_ctx // 2)
@@ -153,7 +157,8 @@ WEBTEXT_PROTOCOL = (
     "WebText. Protocol: OpenAI's held-out WebText documents (gpt-2-output-dataset webtext.*.jsonl),"
     ' each prefixed with <|endoftext|> and scored token by token with a sliding window; perplexity '
     'per BPE token, and per UTF-8 byte of the text (exp(total NLL / bytes)) plus bits per byte, '
-    'which do not depend on the tokenizer.'
+    'which do not depend on the tokenizer. With --dataset NAME the validation split of that prepared '
+    'data set (gpt2_jax.data) is scored instead, in the windows of gpt2_jax.data.eval_batches.'
 )
 
 
@@ -175,7 +180,48 @@ def score_documents(scorer: Scorer, texts: list[str], *, stride: int, desc: str)
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _token_bytes() -> np.ndarray:
+    """UTF-8 length of every token's bytes (<|endoftext|> is not text: 0)."""
+    enc = get_tokenizer()
+    sizes = np.array([len(enc.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [0], np.int64)
+    return sizes
+
+
+def score_prepared(scorer: Scorer, dataset: str, *, stride: int, limit: int | None, cache_dir=None, manual_dir=None) -> dict[str, Any]:
+    """Per-token and per-byte perplexity of the validation split of a `gpt2_jax.data` token store,
+    windows and masks from `gpt2_jax.data.eval_batches` (`limit`: at most that many batches)."""
+    from gpt2_jax.data import DataError, eval_batches, prepare
+
+    try:
+        store = prepare(dataset, cache_dir=cache_dir, manual_dir=manual_dir, progress=False)
+        batches = list(eval_batches(store, "validation", seq_len=scorer.n_ctx, batch_size=scorer.batch_size,
+                                    stride=stride, max_batches=limit))
+    except DataError as e:
+        raise EvalError(f"webtext: data set {dataset}: {e}") from e
+    nll, n_tokens, n_bytes, sizes = 0.0, 0, 0, _token_bytes()
+    for batch in tqdm(batches, desc=f"webtext ({dataset})", unit="batch", leave=False, dynamic_ncols=True):
+        logp, _ = scorer.score_array(batch["tokens"])
+        mask = batch["mask"] > 0
+        nll -= float(logp[mask].sum())
+        n_tokens += int(mask.sum())
+        n_bytes += int(sizes[batch["tokens"][:, 1:][mask]].sum())
+    return {
+        "metrics": {
+            "ppl_token": _ppl(nll, n_tokens),
+            "ppl_byte": _ppl(nll, n_bytes),
+            "bits_per_byte": nll / n_bytes / LN2 if n_bytes else float("nan"),
+        },
+        "counts": {"tokens": n_tokens, "bytes": n_bytes, "batches": len(batches)},
+        "nll": nll,
+        "data": {"store": str(store), "dataset": dataset, "split": "validation"},
+    }
+
+
 def eval_webtext(scorer: Scorer, opts: Options) -> dict[str, Any]:
+    if opts.dataset is not None:
+        return score_prepared(scorer, opts.dataset, stride=opts.stride_for(scorer), limit=opts.limit,
+                              cache_dir=opts.cache_dir, manual_dir=opts.data_dir)
     path = data_file("webtext", opts.split).resolve(opts.data_dir, "webtext")
     texts = _read_jsonl_texts(path, "webtext", opts.limit)
     out = score_documents(scorer, texts, stride=opts.stride_for(scorer), desc="webtext")
