@@ -15,6 +15,7 @@ help:
 	@echo "make install   create $(VENV) and install gpt2_jax with its test dependencies"
 	@echo "make test      run the test suite (under 15 minutes on 2 CPU cores)"
 	@echo "make test-slow run the end-to-end tests marked slow (CI runs both)"
+	@echo "make prepare  tokenize DATASET=tiny_shakespeare|openwebtext|webtext|text_files|tfds:NAME (DATA_ARGS=\"--files ...\")"
 	@echo "make eval     evaluate MODEL=dir on TASKS=lambada,wikitext2,... (SPLIT=test|valid, EVAL_ARGS=...)"
 	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside"
 
@@ -30,6 +31,13 @@ test:
 # pytest exits 5 when no test carries the mark: not a failure.
 test-slow:
 	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Build a data set and its token store (`python -m gpt2_jax.data prepare --help` lists DATA_ARGS).
+DATASET ?= tiny_shakespeare
+DATA_ARGS ?=
+.PHONY: prepare
+prepare:
+	$(PY) -m gpt2_jax.data prepare --dataset $(DATASET) $(DATA_ARGS)
 
 # Zero-shot evaluation (python -m gpt2_jax.eval --help); data sets are read from GPT2_JAX_DATA_DIR.
 .PHONY: eval paper-table
