@@ -9,13 +9,14 @@ TORCH_SPEC ?= torch==2.13.0
 export GPT2_JAX_DATA_DIR ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow help
+.PHONY: install test test-slow train help
 
 help:
 	@echo "make install   create $(VENV) and install gpt2_jax with its test dependencies"
 	@echo "make test      run the test suite (under 15 minutes on 2 CPU cores)"
 	@echo "make test-slow run the end-to-end tests marked slow (CI runs both)"
 	@echo "make prepare  tokenize DATASET=tiny_shakespeare|openwebtext|webtext|text_files|tfds:NAME (DATA_ARGS=\"--files ...\")"
+	@echo "make train     train SIZE=tiny|small|medium|large|xl (experiments/SIZE.py), ARGS=\"key=value ...\""
 	@echo "make eval     evaluate MODEL=dir on TASKS=lambada,wikitext2,... (SPLIT=test|valid, EVAL_ARGS=...)"
 	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside"
 
@@ -54,3 +55,9 @@ paper-table:
 	@test -n "$(MODEL)" || { echo "error: make paper-table needs MODEL=<run, checkpoint or HF directory>" >&2; exit 2; }
 	$(PY) -m gpt2_jax.eval --model $(MODEL) --task $(PAPER_TASKS) --split test --compare paper --markdown \
 		--output $(MODEL)/paper_table.json $(EVAL_ARGS)
+
+# Train an experiment from experiments/; ARGS="key=value ..." overrides its settings.
+SIZE ?= tiny
+ARGS ?=
+train:
+	$(PY) -m gpt2_jax.train $(SIZE) $(ARGS)

@@ -1,0 +1,569 @@
+"""Training loop and entry point: `python -m gpt2_jax.train [EXPERIMENT] [key=value ...]`.
+
+EXPERIMENT names a file in experiments/ (tiny, small, medium, large, xl) or is a path to one; its
+`CONFIG = {...}` literal is read with `ast.literal_eval` (never executed). `key=value` overrides
+any TrainConfig field, or a ModelConfig shape field (n_layer=6), type-checked.
+
+Run directory (RUN_DIR, `run_dir=` or runs/EXPERIMENT-TIME): config.json (resolved train and
+model configs), metrics.jsonl, tensorboard/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from gpt2_jax.config import DTYPES, SIZES, ConfigError, ModelConfig, get_model_config, parse_overrides, replace
+from gpt2_jax.sharding import STRATEGIES, ShardingError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the model's shape (that is `size` + ModelConfig)."""
+
+    size: str = "tiny"  # model preset
+    dataset: str = "tiny_shakespeare"
+    seq_len: int = 0  # tokens per sequence; 0 = the model's n_ctx
+    batch_size: int = 16  # sequences per optimizer step, all devices and micro-batches together
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum run at once)
+    steps: int = 300
+    lr: float = 0.0  # peak learning rate; 0 = the size's default (optim.PEAK_LR)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dropout: float = 0.0  # embedding, attention and residual dropout (nanoGPT pretrains with 0)
+    compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+    mesh: str = "1,-1,1"  # data,fsdp,tensor device counts; -1 = the rest
+    strategy: str = "fsdp"  # dp | fsdp | fsdp_tp
+    eval_every: int = 100  # steps between validation losses (and at the end); 0 = only at the end
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    sample_every: int = 0  # steps between text samples; 0 = only at the end
+    sample_tokens: int = 64
+    sample_prompt: str = ""  # empty = start from <|endoftext|>
+    top_k: int = 40  # 1 = greedy
+    log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard / the console
+    seed: int = 0
+    run_dir: str = ""  # default runs/EXPERIMENT-YYYYmmdd-HHMMSS
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
+        if self.compute_dtype not in ("auto",) + DTYPES:
+            raise ConfigError(f"unknown compute_dtype {self.compute_dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        for name in ("batch_size", "grad_accum", "steps", "sample_tokens", "top_k", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("seq_len", "warmup_steps", "eval_every", "eval_batches", "sample_every", "lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+
+# ModelConfig fields that TrainConfig sets, so that one value cannot come from two places.
+_MANAGED_MODEL_KEYS = {"dtype": "compute_dtype", "embd_pdrop": "dropout", "attn_pdrop": "dropout", "resid_pdrop": "dropout"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. the loss became NaN)."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def find_experiment(name: str) -> Path:
+    """An experiment name (tiny, small, ...) or a path -> the experiment file."""
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"experiment file {name} does not exist")
+        return path
+    for root in (Path.cwd(), REPO_ROOT):
+        path = root / "experiments" / f"{name}.py"
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.py") if not p.stem.startswith("_"))
+    raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(known)} (or a path to an experiment file)")
+
+
+def load_experiment(path: Path) -> dict[str, Any]:
+    """The `CONFIG = {...}` dict literal of an experiment file, read without executing it."""
+    try:
+        tree = ast.parse(Path(path).read_text(), filename=str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{path}: not valid Python ({e.msg}, line {e.lineno})") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CONFIG" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise ConfigError(f"{path}: CONFIG must be a literal dict of plain values") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: CONFIG must be a dict")
+            return value
+    raise ConfigError(f"{path}: no `CONFIG = {{...}}` assignment")
+
+
+def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
+    """Split `settings` into TrainConfig and ModelConfig fields, type-checked; unknown keys refused.
+
+    The model's compute dtype ("auto" still unresolved) and dropout come from the TrainConfig.
+    """
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_kw, model_kw = {}, {}
+    for key, value in settings.items():
+        if key in _MANAGED_MODEL_KEYS:
+            raise ConfigError(f"set {_MANAGED_MODEL_KEYS[key]}= instead of {key}=")
+        if key in train_keys:
+            train_kw[key] = value
+        elif key in model_keys:
+            model_kw[key] = value
+        else:
+            valid = sorted(train_keys) + sorted(model_keys - set(_MANAGED_MODEL_KEYS))
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+    tcfg = replace(TrainConfig(), **train_kw)
+    mcfg = get_model_config(tcfg.size, **model_kw)
+    mcfg = replace(mcfg, embd_pdrop=tcfg.dropout, attn_pdrop=tcfg.dropout, resid_pdrop=tcfg.dropout)
+    if tcfg.seq_len > mcfg.n_ctx:
+        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model context n_ctx={mcfg.n_ctx}")
+    return tcfg, mcfg
+
+
+def resolve_dtype(tcfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:
+    """Fill in compute_dtype=auto: bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU bf16 matmuls are slow)."""
+    import jax
+
+    dtype = tcfg.compute_dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return replace(mcfg, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- MFU
+
+# Peak dense bfloat16 FLOP/s per device, keyed by a substring of `jax.devices()[0].device_kind`;
+# the first match wins, so the more specific names come first. Sources: NVIDIA's H100/H200/A100
+# datasheets, Google Cloud's TPU system-architecture pages.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device) -> float | None:
+    """Peak bf16 FLOP/s of `device`, or None (CPU and unknown devices: no MFU is shown)."""
+    if device.platform == "cpu":
+        return None
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device.device_kind.lower():
+            return flops
+    return None
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM paper, appendix B).
+
+    N counts every parameter except the position table (wte is also the LM head matmul, wpe is a
+    lookup); 6N is the forward+backward matmuls, 12*L*H*Q*T the attention scores and mixing, with L
+    layers, H heads of width Q and T the sequence length.
+    """
+    from gpt2_jax.model import count_params
+
+    n = count_params(mcfg) - mcfg.n_ctx * mcfg.n_embd
+    return 6.0 * n + 12.0 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _WindowLoader:
+    """Random windows of a token array; the batch of step s depends only on (seed, s), so
+    resuming only needs the step. This process takes rows [shard_index * rows, ... + rows)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, shard_index: int, shard_count: int):
+        if len(tokens) <= seq_len + 1:
+            raise ConfigError(f"training split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
+        self.rows = global_batch // shard_count
+        self.first = shard_index * self.rows
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, self.global_batch)[self.first : self.first + self.rows]
+        self.step += 1
+        return np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int) -> tuple[Iterator[np.ndarray], list[dict[str, np.ndarray]]]:
+    """(this process's train batches [rows, seq_len+1], the validation batches every process holds).
+
+    Tiny Shakespeare from $GPT2_JAX_DATA_DIR/tiny_shakespeare/input.txt, GPT-2 BPE tokens, split
+    90/5/5 into train/validation/test by position.
+    """
+    import jax
+
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    if tcfg.dataset != "tiny_shakespeare":
+        raise ConfigError(f"unknown dataset {tcfg.dataset!r}; valid: tiny_shakespeare")
+    root = Path(os.environ.get("GPT2_JAX_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    path = root / "tiny_shakespeare" / "input.txt"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; set GPT2_JAX_DATA_DIR to the directory holding tiny_shakespeare/input.txt")
+    tokens = np.asarray(get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8")), np.int32)
+    n_train, n_val = int(0.9 * len(tokens)), int(0.05 * len(tokens))
+    train_tokens, val_tokens = tokens[:n_train], tokens[n_train : n_train + n_val]
+    loader = _WindowLoader(train_tokens, seq_len, tcfg.batch_size, tcfg.seed, jax.process_index(), jax.process_count())
+    n_windows = (len(val_tokens) - 1) // seq_len
+    windows = [val_tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n_windows)]
+    val = []
+    for i in range(0, len(windows), eval_batch_size):
+        chunk = np.stack(windows[i : i + eval_batch_size])
+        val.append({"tokens": chunk, "mask": np.ones((len(chunk), seq_len), np.float32)})
+    if tcfg.eval_batches:
+        val = val[: tcfg.eval_batches]
+    return loader, [_pad_rows(b, eval_batch_size) for b in val]
+
+
+def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Pad a short final batch with rows of weight 0 so it still divides over the data axes."""
+    n = len(batch["tokens"])
+    if n == rows:
+        return batch
+    return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def make_sampler(mcfg: ModelConfig, mesh, rules, n_new: int, top_k: int):
+    """A jitted `sample(params, buf [1, n_ctx], prompt_len, key) -> buf` that appends `n_new` tokens.
+
+    Each token is one full forward over the fixed-size buffer (simple; no key/value cache).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.model import GPT2
+    from gpt2_jax.sharding import sharded_jit
+
+    model = GPT2(mcfg)
+    rules = tuple((k, None if k == "act_batch" else v) for k, v in rules)  # a batch of one row
+
+    def sample(params, buf_1T, prompt_len, key):
+        def body(i, buf_1T):
+            pos = prompt_len + i - 1
+            logits_V = model.apply({"params": params}, buf_1T)[0, pos]
+            if top_k > 1:
+                kth = jax.lax.top_k(logits_V, top_k)[0][-1]
+                logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
+                tok = jax.random.categorical(jax.random.fold_in(key, i), logits_V)
+            else:
+                tok = jnp.argmax(logits_V)
+            return jax.lax.dynamic_update_slice(buf_1T, tok.astype(jnp.int32).reshape(1, 1), (0, pos + 1))
+
+        return jax.lax.fori_loop(0, n_new, body, buf_1T)
+
+    return sharded_jit(sample, mesh, rules)
+
+
+def sample_text(sampler, params, mcfg: ModelConfig, prompt: str, n_new: int, seed: int) -> str:
+    """Continue `prompt` (empty = from <|endoftext|>) with up to `n_new` sampled tokens."""
+    import jax
+
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    ids = tok.encode_ordinary(prompt) if prompt else [tok.eot_token]
+    ids = ids[-(mcfg.n_ctx - n_new) :]
+    buf = np.zeros((1, mcfg.n_ctx), np.int32)
+    buf[0, : len(ids)] = ids
+    out = np.asarray(jax.device_get(sampler(params, buf, len(ids), jax.random.key(seed))))
+    new = [int(t) for t in out[0, len(ids) : len(ids) + n_new]]
+    return prompt + tok.decode([t for t in new if t < tok.n_vocab])
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard event files in the run directory (process 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, record: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def create_state(tcfg: TrainConfig, mcfg: ModelConfig, tx, mesh, rules):
+    """The train state to start from, initialized directly sharded. Returns (state, shardings)."""
+    from gpt2_jax.step import init_train_state_sharded
+
+    return init_train_state_sharded(mcfg, tx, tcfg.seed, mesh, rules)
+
+
+def evaluate(eval_step, params, batches, mesh) -> float:
+    """Mean validation loss over `batches` (weights from each batch's "mask")."""
+    import jax
+
+    from gpt2_jax.sharding import shard_global_batch
+
+    totals = [eval_step(params, shard_global_batch(b, mesh)) for b in batches]
+    loss_sum = sum(float(jax.device_get(t["loss_sum"])) for t in totals)
+    weight = sum(float(jax.device_get(t["weight"])) for t in totals)
+    return loss_sum / max(weight, 1.0)
+
+
+def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) -> dict[str, Any]:
+    """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s)."""
+    import jax
+    from tqdm import tqdm
+
+    from gpt2_jax import optim, sharding, step as step_lib
+
+    is_main = jax.process_index() == 0
+    mcfg = resolve_dtype(tcfg, mcfg)
+    seq_len = tcfg.seq_len or mcfg.n_ctx
+    mesh = sharding.make_mesh(tcfg.mesh)
+    rules = sharding.logical_rules(tcfg.strategy, mesh, mcfg)
+    sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
+    micro = tcfg.batch_size // tcfg.grad_accum
+
+    peak = tcfg.lr or optim.PEAK_LR[tcfg.size]
+    schedule = optim.lr_schedule(peak, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+    tx = optim.make_optimizer(
+        schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip
+    )
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)})
+    writer = MetricsWriter(run_dir, is_main)
+
+    state, shardings = create_state(tcfg, mcfg, tx, mesh, rules)
+    if mesh.size > 1:
+        sharding.check_params_sharded(state.params, tcfg.strategy)
+    train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, mesh, rules, shardings)
+    eval_step = step_lib.compile_eval_step(mcfg, mesh, rules, shardings.params)
+    n_new = min(tcfg.sample_tokens, mcfg.n_ctx - 1)
+    sampler = make_sampler(mcfg, mesh, rules, n_new, tcfg.top_k)
+    train_batches, val_batches = load_data(tcfg, seq_len, micro)
+
+    tokens_per_step = tcfg.batch_size * seq_len
+    fpt = flops_per_token(mcfg, seq_len)
+    peak_device = peak_flops(jax.devices()[0])
+    start_step = int(jax.device_get(state.step))
+    if is_main:
+        echo(
+            f"training {tcfg.size} ({mcfg.n_layer}x{mcfg.n_embd}, {mcfg.n_head} heads, {mcfg.dtype}) on "
+            f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), mesh {dict(mesh.shape)}, "
+            f"{tcfg.strategy}; {tcfg.steps} steps of {tcfg.batch_size} x {seq_len} tokens; run dir {run_dir}"
+        )
+
+    final: dict[str, Any] = {}
+    last = {"time": None, "step": start_step}
+    rate = {"tokens_per_s": float("nan")}
+
+    def record(step: int, metrics) -> None:
+        """Bring one step's metrics to the host, check them, log them."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            raise TrainingError(f"loss is {m['loss']} at step {step + 1}; stopping (try a lower lr= or a longer warmup_steps=)")
+        now = time.perf_counter()
+        if last["time"] is not None and step > last["step"]:
+            rate["tokens_per_s"] = (step - last["step"]) * tokens_per_step / (now - last["time"])
+        if last["time"] is None or step > last["step"]:
+            last.update(time=now, step=step)
+        m["tokens_seen"] = (step + 1) * tokens_per_step
+        m["tokens_per_s"] = rate["tokens_per_s"]
+        postfix = {"loss": f"{m['loss']:.3f}", "tok/s": f"{m['tokens_per_s']:,.0f}"}
+        if peak_device and math.isfinite(m["tokens_per_s"]):
+            m["mfu"] = m["tokens_per_s"] / jax.device_count() * fpt / peak_device
+            postfix["mfu"] = f"{100 * m['mfu']:.1f}%"
+        bar.set_postfix(postfix, refresh=False)
+        final.update(step=step + 1, loss=m["loss"], tokens_per_s=m["tokens_per_s"])
+        if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
+            writer.write(step + 1, m)
+            if is_main:
+                bar.write(
+                    f"step {step + 1:>6} | loss {m['loss']:.4f} | grad norm {m['grad_norm']:.3f} | "
+                    f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s" + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
+                )
+
+    def validate_and_sample(done: int, force: bool) -> None:
+        if force or (tcfg.eval_every and done % tcfg.eval_every == 0):
+            val_loss = evaluate(eval_step, state.params, val_batches, mesh)
+            writer.write(done, {"val_loss": val_loss})
+            final["val_loss"] = val_loss
+            if is_main:
+                bar.write(f"step {done:>6} | val loss {val_loss:.4f}")
+        if force or (tcfg.sample_every and done % tcfg.sample_every == 0):
+            text = sample_text(sampler, state.params, mcfg, tcfg.sample_prompt, n_new, tcfg.seed + done)
+            writer.text(done, "sample", text)
+            final["sample"] = text
+            if is_main:
+                bar.write(f"step {done:>6} | sample:\n{text}\n")
+
+    bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
+    pending = None
+    try:
+        for step in bar:
+            batch = sharding.shard_batch({"tokens": next(train_batches)}, mesh)
+            state, metrics = train_step(state, batch)  # dispatch step t ...
+            if pending is not None:
+                record(*pending)  # ... then read step t-1's metrics while t runs
+            pending = (step, metrics)
+            done = step + 1
+            if done < tcfg.steps and (
+                (tcfg.eval_every and done % tcfg.eval_every == 0) or (tcfg.sample_every and done % tcfg.sample_every == 0)
+            ):
+                record(*pending)
+                pending = None
+                validate_and_sample(done, force=False)
+        if pending is not None:
+            record(*pending)
+        validate_and_sample(tcfg.steps, force=True)
+    finally:
+        bar.close()
+        writer.close()
+    if is_main:
+        write_json_atomic(run_dir / "final.json", {k: v for k, v in final.items()})
+    return final
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _default_run_dir(experiment: str) -> Path:
+    import jax
+
+    stamp = int(time.time())
+    if jax.process_count() > 1:  # every process must agree on the directory
+        from jax.experimental import multihost_utils
+
+        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
+    return Path("runs") / f"{Path(experiment).stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(stamp))}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.train",
+        description="Train GPT-2 on a device mesh. Example: python -m gpt2_jax.train small steps=1000 mesh=1,-1,1",
+    )
+    parser.add_argument(
+        "experiment", nargs="?", default="tiny",
+        help="experiment name in experiments/ (tiny, small, medium, large, xl) or path to an experiment file (default tiny)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="override a TrainConfig field (steps=100, lr=3e-4, mesh=2,4,1, ...) or a model shape field (n_layer=6)",
+    )
+    parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs without a cluster launcher")
+    parser.add_argument("--num-processes", type=int, help="number of processes in a multi-process run")
+    parser.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if "=" in args.experiment:  # only overrides were given
+        overrides.insert(0, args.experiment)
+        args.experiment = "tiny"
+
+    try:
+        settings = load_experiment(find_experiment(args.experiment))
+        settings.update(parse_overrides(overrides))
+        tcfg, mcfg = resolve_config(settings)
+        from gpt2_jax import sharding
+
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        import jax
+
+        mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
+        sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
+        run_dir = Path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
+        final = train(tcfg, mcfg, run_dir)
+    except (ConfigError, ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
+        if "val_loss" in final:
+            summary += f", val loss {final['val_loss']:.4f}"
+        print(summary + f"; run dir {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
