@@ -211,6 +211,10 @@ def test_bad_inputs_give_one_line_errors_and_keep_prepared_data(tmp_path, good_s
     # Missing manual directory.
     cases.append((["--dataset", "tiny_shakespeare", "--manual-dir", str(tmp_path / "nowhere")],
                   f"{tmp_path / 'nowhere'}/tiny_shakespeare/"))
+    # A manual file that is not the registered one (TFDS checks size and SHA-256).
+    (tmp_path / "other" / "tiny_shakespeare").mkdir(parents=True)
+    (tmp_path / "other" / "tiny_shakespeare" / "input.txt").write_text("not Shakespeare\n")
+    cases.append((["--dataset", "tiny_shakespeare", "--manual-dir", str(tmp_path / "other")], "wrong checksum"))
     # Empty corpus.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.txt").write_bytes(b"")

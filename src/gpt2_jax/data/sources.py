@@ -456,7 +456,9 @@ def _catalog(spec: str, *, cache_dir: Path, manual_root: Path | None, feature: s
         if importlib.util.find_spec("tensorflow") is None:
             raise DataError(f"tfds:{spec}: TFDS catalog builders need TensorFlow: pip install 'gpt2_jax[tf]'")
         _download_and_prepare(builder, manual_root / name if manual_root else None)
-    keys = list(builder.info.features.keys()) if hasattr(builder.info.features, "keys") else []
-    if feature not in keys:
-        raise DataError(f"tfds:{spec}: no feature {feature!r} (has: {', '.join(keys)}); choose one with --feature")
+    features = builder.info.features
+    texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)] if hasattr(features, "items") else []
+    if feature not in texts:
+        raise DataError(f"tfds:{spec}: no text feature {feature!r} (text features: {', '.join(texts) or 'none'}); "
+                        "choose one with --feature")
     return builder, feature, {"dataset": f"tfds:{spec}", "tfds_version": str(builder.version), "feature": feature}
