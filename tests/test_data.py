@@ -175,10 +175,26 @@ def openwebtext_archive(path: Path, paragraphs, n_subsets=6, per_subset=3):
     return docs
 
 
-def test_openwebtext_archive_with_held_out_subsets(tmp_path, paragraphs):
-    docs = openwebtext_archive(tmp_path / "data" / "openwebtext" / "openwebtext.tar.xz", paragraphs)
+@pytest.mark.parametrize("layout", ["archive", "subsets", "txt"])
+def test_openwebtext_layouts_with_held_out_subsets(tmp_path, paragraphs, layout):
+    manual = tmp_path / "data" / "openwebtext"
+    archive = tmp_path / "openwebtext.tar.xz"
+    docs = openwebtext_archive(archive, paragraphs)
+    if layout == "archive":
+        manual.mkdir(parents=True)
+        archive.rename(manual / archive.name)
+    else:  # the archive extracted once (subset tarballs), or completely (.txt files)
+        with tarfile.open(archive) as tar:
+            tar.extractall(manual, filter="data")
+        if layout == "txt":
+            for sub in sorted(manual.rglob("*.xz")):
+                with tarfile.open(sub) as tar:
+                    tar.extractall(manual / "txt" / sub.name.removesuffix("_data.xz"), filter="data")
+                sub.unlink()
     store = prepare("openwebtext", cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data",
                     validation_fraction=0.4, workers=1, progress=False)
+    if layout == "txt":  # held out file by file, by the path inside the manual directory
+        docs = {str(p.relative_to(manual)): [p.read_text()] for p in sorted(manual.rglob("*.txt"))}
     held = {name: sources.in_validation(name, 0.4) for name in docs}
     assert 0 < sum(held.values()) < len(docs)
     for split, want in (("train", False), ("validation", True)):
