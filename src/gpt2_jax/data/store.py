@@ -161,9 +161,14 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
                  "tfds_version": str(builder.version), "feature": feature,
                  "num_examples": splits, "num_bytes": {n: int(s.num_bytes) for n, s in info.splits.items()}}
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            manifest = {}  # damaged by hand: rebuilt below
         if manifest.get("source_id") == source_id:
             return store
+        # The TFDS data changed under this store: it is rebuilt, and must not look complete meanwhile.
+        manifest_path.unlink()
     for tmp in store.glob("*.tmp-*"):
         tmp.unlink()  # left by a crashed run
 
