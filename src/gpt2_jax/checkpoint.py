@@ -1,30 +1,70 @@
-"""Checkpoints with Orbax: params-only checkpoints for eval, generation and conversion.
+"""Checkpoints with Orbax: full training checkpoints that never lose a run, and params-only ones.
+
+Training checkpoints live in `RUN_DIR/checkpoints/<step>/`, written by an Orbax `CheckpointManager`
+with the `args.Composite` API. Each step directory holds these items:
+
+  params/     the model parameters (Orbax PyTree, sharded arrays)
+  opt_state/  the optimizer state
+  train/      the other train-state fields: `step`, `rng`
+  data/       the data iterator state (JSON, from `TrainLoader.get_state()`)
+  config/     the resolved run config (JSON)
+  structure/  shape, dtype and mesh partitioning of every leaf (JSON; read without touching arrays)
+  metrics/    the metrics at that step (JSON, written by Orbax)
+
+Saves are asynchronous. Orbax writes each one into `<step>.orbax-checkpoint-tmp` and renames it
+when complete, so a process killed at any moment leaves only complete step directories plus a
+temporary folder that the next run deletes. Old checkpoints are deleted by *this* module, and only
+once a newer one is complete on disk: a failed or interrupted save never costs an earlier one.
 
 A params-only checkpoint is a directory holding `config.json` (the `ModelConfig`) and `params/`
-(an Orbax PyTree checkpoint). It is written into a temporary sibling and renamed into place, so a
-crash never leaves a directory that looks complete.
+(an Orbax PyTree checkpoint). It is written into a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import datetime
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
 
 from gpt2_jax.config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+DAMAGED_SUFFIX = ".damaged"
+# Composite item names. "metrics" is reserved by Orbax, which writes it itself.
+ARRAY_ITEMS = ("params", "opt_state", "train")
+JSON_ITEMS = ("data", "config", "structure")
+ITEM_NAMES = ARRAY_ITEMS + JSON_ITEMS
+BEST_METRIC = "val_loss"  # lower is better
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or of the wrong kind."""
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Params-only checkpoints
+# --------------------------------------------------------------------------------------------
 
 
 def save_params(path: str | os.PathLike, config: ModelConfig, params: Any) -> Path:
@@ -46,17 +86,618 @@ def save_params(path: str | os.PathLike, config: ModelConfig, params: Any) -> Pa
     return path
 
 
-def load_params(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
-    """Load `(config, params)` from a params-only checkpoint directory."""
-    path = Path(path).absolute()
-    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"{path} is not a gpt2_jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+def _model_config_from(d: Any, where: Path) -> ModelConfig:
+    """The ModelConfig inside a saved config: a ModelConfig dict, or a run config with a "model" part."""
+    if isinstance(d, dict) and isinstance(d.get("model"), dict):
+        d = d["model"]
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: not a valid model config (expected a JSON object)")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        config = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({e})") from e
+        return ModelConfig.from_dict({k: v for k, v in d.items() if k in fields})
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: not a valid model config ({e})") from e
+
+
+def _restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None) -> Any:
+    """Restore an Orbax PyTree directory onto `sharding` (default: this process's first device).
+
+    The target is built from the saved metadata, so the device count at save time does not matter.
+    """
+    ckptr = ocp.StandardCheckpointer()
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR)
+        meta = ckptr.metadata(params_dir)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        return ckptr.restore(params_dir, target)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"{path / PARAMS_DIR}: cannot be restored ({type(e).__name__}: {e})") from e
-    return config, params
+        raise CheckpointError(f"{params_dir}: cannot be restored ({type(e).__name__}: {_short(e)})") from e
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+def _is_step_dir(path: Path) -> bool:
+    return path.is_dir() and path.name.isdigit() and (path / PARAMS_DIR).is_dir()
+
+
+def _checkpoints_dir_of(path: Path) -> Path | None:
+    """`path`'s checkpoints folder if `path` is a run directory or that folder itself."""
+    if (path / CHECKPOINTS_DIR).is_dir():
+        return path / CHECKPOINTS_DIR
+    if path.name == CHECKPOINTS_DIR and path.is_dir():
+        return path
+    return None
+
+
+def complete_steps(checkpoints_dir: Path) -> list[int]:
+    """Steps with a complete (renamed into place) directory, ascending."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def load_params(
+    path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
+) -> tuple[ModelConfig, Any]:
+    """Load `(config, params)` from a params-only checkpoint, a training run directory (its newest
+    readable checkpoint) or one step directory of a run (`RUN_DIR/checkpoints/<step>`).
+
+    Arrays are placed on `sharding` (default: the first local device), whatever mesh saved them.
+    """
+    path = Path(path).absolute()
+    if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
+        try:
+            raw = json.loads((path / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({e})") from e
+        config = _model_config_from(raw, path / CONFIG_FILE)
+        return config, _restore_params_dir(path / PARAMS_DIR, sharding)
+    if _is_step_dir(path):
+        return config_of_step(path), _restore_params_dir(path / PARAMS_DIR, sharding)
+    ckpt_dir = _checkpoints_dir_of(path)
+    if ckpt_dir is not None:
+        steps = complete_steps(ckpt_dir)
+        if not steps:
+            raise CheckpointError(f"{path} is a run directory without any complete checkpoint")
+        errors = []
+        for step in reversed(steps):
+            try:
+                return load_params(ckpt_dir / str(step), sharding=sharding)
+            except CheckpointError as e:
+                _warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({e}); trying the previous one")
+                errors.append(str(e))
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
+    raise CheckpointError(
+        f"{path} is not a gpt2_jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/, "
+        f"a run directory with {CHECKPOINTS_DIR}/, or a step directory of one)"
+    )
+
+
+def config_of_step(step_dir: Path) -> ModelConfig:
+    """The ModelConfig saved in a training checkpoint's `config` item."""
+    return _model_config_from(read_json_item(step_dir, "config"), step_dir / "config")
+
+
+def read_json_item(step_dir: Path, name: str) -> Any:
+    """A JSON item (`config`, `data`, `structure`, `metrics`) of a step directory, or None if absent."""
+    item = step_dir / name
+    if not item.is_dir():
+        return None
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler(filename=_json_filename(name))).restore(item)
+    except Exception as e:  # a damaged or truncated JSON file
+        raise CheckpointError(f"{item}: cannot be read ({type(e).__name__}: {_short(e)})") from e
+
+
+def _json_filename(name: str) -> str:
+    # Orbax's JSON handler stores its object in a file named "metadata"; the metrics item that the
+    # CheckpointManager writes names its file "metrics".
+    return "metrics" if name == "metrics" else "metadata"
+
+
+def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, Any]:
+    """Load `(config, params)` from anything a user may pass as `--model`: an HF GPT-2 directory
+    (`config.json` with "n_embd", weights in safetensors/PyTorch format), a params-only checkpoint,
+    a training run directory or a step directory of one."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if cfg_file.is_file() and not (path / PARAMS_DIR).exists():
+        try:
+            is_hf = "n_embd" in json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            is_hf = False
+        if is_hf and not (path / CHECKPOINTS_DIR).is_dir():
+            from gpt2_jax.convert import ConversionError, load_hf
+
+            try:
+                return load_hf(path)
+            except ConversionError as e:
+                raise CheckpointError(str(e)) from e
+    return load_params(path, **kwargs)
+
+
+def params_for(path: str | os.PathLike, config: ModelConfig) -> Any:
+    """Params from `path` (see `load_model`) in the layout and dtype of `config`, for fine-tuning.
+
+    The architecture (layers, width, heads, context, vocabulary) must match; scanned and per-layer
+    layouts are converted into each other.
+    """
+    import flax.linen as nn
+
+    from gpt2_jax.model import abstract_params, stack_layers, unstack_layers
+
+    src_cfg, params = load_model(path)
+    keys = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
+    diff = [f"{k}={getattr(src_cfg, k)} (run has {getattr(config, k)})" for k in keys if getattr(src_cfg, k) != getattr(config, k)]
+    if diff:
+        raise CheckpointError(f"{path} does not fit this model: {', '.join(diff)}")
+    if "h" in params and not config.scan_layers:
+        params = unstack_layers(params)
+    elif "h" not in params and config.scan_layers:
+        params = stack_layers(params, config.n_layer)
+    target = nn.meta.unbox(abstract_params(config))
+    if src_cfg.padded_vocab_size != config.padded_vocab_size:
+        wte = np.asarray(params["wte"])[: config.vocab_size]
+        pad = np.zeros((config.padded_vocab_size - config.vocab_size, config.n_embd), wte.dtype)
+        params = {**params, "wte": np.concatenate([wte, pad])}
+    try:
+        return jax.tree.map(lambda t, x: jnp.asarray(x, dtype=t.dtype).reshape(t.shape), target, params)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: parameter tree does not match the model ({_short(e)})") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+    """When to save and what to keep."""
+
+    every: int = 1000  # save every N steps (and always at the end)
+    keep: int = 3  # keep the latest K complete checkpoints ...
+    keep_best: int = 1  # ... and the best M by validation loss
+    async_save: bool = True
+
+
+class Restored(NamedTuple):
+    """What `restore` returns."""
+
+    step: int
+    state: Any
+    data_state: dict | None
+    config: dict | None
+    metrics: dict | None
+
+
+def _state_items(state: Any) -> dict[str, Any]:
+    """Split a train state (a flax struct dataclass) into the array items."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return {
+        "params": fields.pop("params"),
+        "opt_state": fields.pop("opt_state"),
+        "train": fields,
+    }
+
+
+def _join_state(abstract_state: Any, items: dict[str, Any]) -> Any:
+    return abstract_state.replace(params=items["params"], opt_state=items["opt_state"], **items["train"])
+
+
+def describe(tree: Any) -> dict[str, Any]:
+    """A JSON description of a (possibly abstract) sharded tree: shape, dtype and mesh partitioning
+    of every leaf, keyed by its path; allocates nothing."""
+    leaves = {}
+    mesh = None
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        spec = None
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):
+            mesh = {"axis_names": list(sh.mesh.axis_names), "shape": [int(n) for n in sh.mesh.devices.shape]}
+            spec = [list(a) if isinstance(a, tuple) else a for a in sh.spec]
+        leaves[jax.tree_util.keystr(path)] = {"shape": list(x.shape), "dtype": str(x.dtype), "spec": spec}
+    return {"mesh": mesh, "leaves": leaves}
+
+
+def abstract_from_description(desc: dict[str, Any], mesh: jax.sharding.Mesh | None) -> dict[str, jax.ShapeDtypeStruct]:
+    """`{path: ShapeDtypeStruct}` from `describe` output, partitioned the same way on `mesh` (which
+    may have a different shape or device count, but the same axis names). Allocates nothing."""
+    out = {}
+    for key, leaf in desc["leaves"].items():
+        sharding = None
+        if mesh is not None:
+            spec = leaf["spec"] or []
+            names = {a for s in spec if s is not None for a in (s if isinstance(s, list) else [s])}
+            missing = names - set(mesh.axis_names)
+            if missing:
+                raise CheckpointError(f"{key} is partitioned over mesh axes {sorted(missing)} that the new mesh lacks")
+            spec = [tuple(s) if isinstance(s, list) else s for s in spec]
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        out[key] = jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"]), sharding=sharding)
+    return out
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+@dataclasses.dataclass
+class _Info:  # what Orbax's preservation policies look at
+    step: int
+    metrics: dict | None
+    time: datetime.datetime
+
+
+class Checkpointer:
+    """The checkpoints of one training run (`RUN_DIR/checkpoints`), on every process.
+
+    `save` is asynchronous and never raises for I/O problems: it reports them on stderr and returns
+    False, so a full disk or a read-only directory does not kill a run that can still train.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, options: CheckpointOptions = CheckpointOptions(), *, read_only: bool = False):
+        self.run_dir = Path(run_dir).absolute()
+        self.directory = self.run_dir / CHECKPOINTS_DIR
+        self.options = options
+        self.read_only = read_only
+        self.failed_steps: list[int] = []
+        self._pending: int | None = None  # step of the async save in flight
+        if not read_only:
+            self._remove_unfinished()
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                # Orbax's deletion runs even when the new save fails, so retention is done here.
+                preservation_policy=ocm.LatestN(n=None),
+                # Setting best_fn makes Orbax write the metrics item.
+                best_fn=_best_value,
+                best_mode="min",
+                enable_async_checkpointing=options.async_save,
+                # Create step directories before `save` returns, so a read-only or missing
+                # directory fails at once instead of timing out in a background thread.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+                create=False,
+                read_only=read_only,
+            ),
+            item_names=ITEM_NAMES,
+        )
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def _remove_unfinished(self) -> None:
+        """Delete temporary folders of saves that never completed (a crash or SIGKILL mid-save)."""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for p in sorted(self.directory.iterdir()):
+            if TMP_SUFFIX in p.name:
+                try:
+                    shutil.rmtree(p)
+                    _warn(f"removed unfinished checkpoint folder {p} (the save was interrupted)")
+                except OSError as e:
+                    _warn(f"warning: cannot remove unfinished checkpoint folder {p}: {e}")
+
+    def steps(self) -> list[int]:
+        """Complete checkpoint steps on disk, ascending."""
+        return complete_steps(self.directory)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return self.options.every > 0 and step % self.options.every == 0
+
+    def metrics(self, step: int) -> dict | None:
+        try:
+            return read_json_item(self.directory / str(step), "metrics")
+        except CheckpointError:
+            return None
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def _check_writable(self, nbytes: int) -> str | None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            free = shutil.disk_usage(self.directory).free
+        except OSError as e:
+            return f"{self.directory} is not writable ({e.strerror or e})"
+        if free < nbytes * 1.05:
+            return f"not enough disk space in {self.directory} ({free / 2**20:.0f} MiB free, needs {nbytes / 2**20:.0f} MiB)"
+        return None
+
+    def _report_failure(self, step: int, why: str) -> None:
+        self.failed_steps.append(step)
+        kept = self.steps()
+        where = f"earlier checkpoints are intact: steps {kept}" if kept else "no earlier checkpoint exists"
+        _warn(f"error: checkpoint for step {step} was NOT saved: {why}; {where}")
+
+    def wait(self) -> bool:
+        """Block until the save in flight is on disk; report it if it failed. Returns success."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return True
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # the async write raised: disk full, I/O error, ...
+            self._report_failure(step, f"{type(e).__name__}: {_short(e)}")
+            return False
+        if not (self.directory / str(step)).is_dir():
+            self._report_failure(step, "the save did not complete")
+            return False
+        self._prune()
+        return True
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_state: dict | None = None,
+        config: dict | None = None,
+        metrics: dict | None = None,
+    ) -> bool:
+        """Start an asynchronous save of `state` at `step`; True if it started.
+
+        Waits for the previous save first. Refuses (and reports) a state with NaN/Inf parameters,
+        so the newest checkpoint is always the last good one.
+        """
+        if self.read_only:
+            raise CheckpointError("this Checkpointer is read-only")
+        self.wait()
+        if step in self.steps():
+            return False
+        if not bool(_all_finite(state.params)):
+            self._report_failure(step, "the parameters contain NaN or Inf")
+            return False
+        items = _state_items(state)
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(items))
+        problem = self._check_writable(nbytes)
+        if problem:
+            self._report_failure(step, problem)
+            return False
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(items["params"]),
+            opt_state=ocp.args.StandardSave(items["opt_state"]),
+            train=ocp.args.StandardSave(items["train"]),
+            data=ocp.args.JsonSave(data_state or {}),
+            config=ocp.args.JsonSave(config or {}),
+            structure=ocp.args.JsonSave(describe(items)),
+        )
+        try:
+            self._mgr.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # directory creation or the synchronous copy failed
+            self._report_failure(step, f"{type(e).__name__}: {_short(e)}")
+            shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
+            return False
+        self._pending = step
+        if not self.options.async_save:
+            return self.wait()
+        return True
+
+    def _prune(self) -> None:
+        """Delete complete checkpoints that are neither among the latest K nor the best M."""
+        if jax.process_index() != 0:
+            return
+        infos = [_Info(s, self.metrics(s), datetime.datetime.now()) for s in self.steps()]
+        policy = ocm.AnyPreservationPolicy([
+            ocm.LatestN(n=max(self.options.keep, 1)),
+            ocm.BestN(get_metric_fn=_best_value, reverse=True, n=self.options.keep_best,
+                      keep_checkpoints_without_metrics=False),
+        ])
+        keep = policy.should_preserve(infos, context=ocm.PreservationContext())
+        for info, k in zip(infos, keep):
+            if not k:
+                try:
+                    self._mgr.delete(info.step)
+                except Exception as e:  # deletion is housekeeping: never fatal
+                    _warn(f"warning: cannot delete old checkpoint step {info.step}: {_short(e)}")
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def restore(self, step: int, abstract_state: Any) -> Restored:
+        """Restore step `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+        items = _state_items(abstract_state)
+        step_dir = self.directory / str(step)
+        try:
+            r = self._mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(items["params"]),
+                    opt_state=ocp.args.StandardRestore(items["opt_state"]),
+                    train=ocp.args.StandardRestore(items["train"]),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
+            state = _join_state(abstract_state, {k: r[k] for k in ARRAY_ITEMS})
+            jax.block_until_ready(state)
+        except Exception as e:  # Orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(f"{step_dir}: cannot be restored ({type(e).__name__}: {_short(e)})") from e
+        return Restored(step, state, r["data"] or None, r["config"] or None, self.metrics(step))
+
+    def restore_latest(self, abstract_state: Any) -> Restored | None:
+        """Restore the newest readable checkpoint; damaged newer ones are reported and set aside
+        (renamed `<step>.damaged`) so that the run can save that step again. None if there is none."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, abstract_state)
+            except CheckpointError as e:
+                _warn(f"warning: newest checkpoint is damaged: {e}")
+                if not self.read_only and jax.process_index() == 0:
+                    dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
+                    shutil.rmtree(dst, ignore_errors=True)
+                    os.replace(self.directory / str(step), dst)
+                    self._mgr.reload()
+                    _warn(f"moved it to {dst}; falling back to the previous checkpoint")
+        return None
+
+    def close(self) -> bool:
+        ok = self.wait()
+        self._mgr.close()
+        return ok
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _best_value(metrics: dict | None) -> float:
+    value = (metrics or {}).get(BEST_METRIC)
+    return float("inf") if value is None or not np.isfinite(value) else float(value)
+
+
+def restore_or_init(
+    ckpt: Checkpointer, abstract_state: Any, init_fn: Callable[[], Any]
+) -> tuple[Any, Restored | None]:
+    """`(state, restored)`: the newest readable checkpoint restored onto `abstract_state`'s
+    shardings, or `(init_fn(), None)` when the run has no checkpoint yet.
+
+    `init_fn` should create the state directly sharded (a jitted init with `out_shardings`).
+    """
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is None:
+        return init_fn(), None
+    return restored.state, restored
+
+
+def abstract_like(state: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) for every leaf of `state`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption
+# --------------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+    """Turns SIGTERM/SIGINT into a request to stop after the current step (checked with `stop`).
+
+    On a multi-host run the decision comes from Orbax's preemption sync point (JAX's coordination
+    service), so that every host stops and saves at the same step. A second SIGINT aborts at once.
+    """
+
+    def __init__(self, ckpt: Checkpointer | None = None):
+        self._ckpt = ckpt
+        self.signal_name: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        _warn(f"{self.signal_name} received: finishing the current step, then saving a checkpoint "
+              "(send SIGINT again to abort without saving)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def stop(self, step: int) -> bool:
+        if jax.process_count() > 1 and self._ckpt is not None:
+            return self._ckpt._mgr.reached_preemption(step)
+        return self.signal_name is not None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# `python -m gpt2_jax.checkpoint ls RUN_DIR`
+# --------------------------------------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def list_run(run_dir: Path) -> str:
+    """A table of a run's checkpoints: step, time, size, metrics; then the config of the newest."""
+    ckpt_dir = _checkpoints_dir_of(run_dir)
+    if ckpt_dir is None:
+        if not run_dir.exists():
+            raise CheckpointError(f"{run_dir} does not exist")
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CHECKPOINTS_DIR}/ inside)")
+    steps = complete_steps(ckpt_dir)
+    metrics = {}
+    for s in steps:
+        try:
+            metrics[s] = read_json_item(ckpt_dir / str(s), "metrics") or {}
+        except CheckpointError:
+            metrics[s] = None
+    best = [s for s in steps if metrics[s] and BEST_METRIC in metrics[s]]
+    best_step = min(best, key=lambda s: metrics[s][BEST_METRIC]) if best else None
+    keys = sorted({k for m in metrics.values() if m for k in m})
+    lines = [f"{ckpt_dir}: {len(steps)} checkpoint(s)"]
+    header = f"{'step':>8}  {'saved (UTC)':19}  {'size':>10}  " + "  ".join(f"{k:>12}" for k in keys)
+    lines.append(header.rstrip())
+    for s in steps:
+        d = ckpt_dir / str(s)
+        t = datetime.datetime.fromtimestamp(d.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        m = metrics[s]
+        vals = "  ".join(f"{m[k]:>12.5g}" if m and k in m else f"{'-':>12}" for k in keys) if m is not None else "metrics unreadable"
+        tags = [t for t, cond in (("latest", s == steps[-1]), ("best", s == best_step)) if cond]
+        lines.append(f"{s:>8}  {t:19}  {_human(_dir_bytes(d)):>10}  {vals}{'  (' + ', '.join(tags) + ')' if tags else ''}")
+    others = sorted(p.name for p in ckpt_dir.iterdir() if not p.name.isdigit() and not p.name.startswith("."))
+    for name in others:
+        why = ("unfinished save, deleted when training resumes" if TMP_SUFFIX in name
+               else "damaged, set aside" if name.endswith(DAMAGED_SUFFIX) else "not a checkpoint")
+        lines.append(f"{'':>8}  {name} ({why})")
+    if steps:
+        try:
+            cfg = read_json_item(ckpt_dir / str(steps[-1]), "config")
+        except CheckpointError as e:
+            cfg = f"unreadable ({e})"
+        lines.append(f"config of step {steps[-1]}:")
+        lines.append(json.dumps(cfg, indent=2, sort_keys=True) if isinstance(cfg, dict) else str(cfg))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.checkpoint", description="Inspect the checkpoints of a training run."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ls", help="list a run's checkpoints: step, time, size, metrics, and its config")
+    p.add_argument("run_dir", help="training run directory (holding checkpoints/) or its checkpoints/ folder")
+    args = parser.parse_args(argv)
+    try:
+        print(list_run(Path(args.run_dir).absolute()))
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
