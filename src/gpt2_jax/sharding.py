@@ -245,15 +245,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def shard_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """A batch every process holds in full (e.g. validation) -> global arrays split over the data axes."""
-    sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=np.asarray(v): v[idx])
-        for k, v in batch.items()
-    }
-
-
 def initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:

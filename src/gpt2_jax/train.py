@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from gpt2_jax.config import DTYPES, SIZES, ConfigError, ModelConfig, get_model_config, parse_overrides, replace
+from gpt2_jax.data import DataError
 from gpt2_jax.sharding import STRATEGIES, ShardingError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -207,71 +208,35 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
 # ----------------------------------------------------------------------------- data
 
 
-class _WindowLoader:
-    """Random windows of a token array; the batch of step s depends only on (seed, s), so
-    resuming only needs the step. This process takes rows [shard_index * rows, ... + rows)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, shard_index: int, shard_count: int):
-        if len(tokens) <= seq_len + 1:
-            raise ConfigError(f"training split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
-        self.rows = global_batch // shard_count
-        self.first = shard_index * self.rows
-        self.step = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.step])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, self.global_batch)[self.first : self.first + self.rows]
-        self.step += 1
-        return np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
-
-    def get_state(self) -> dict:
-        return {"step": self.step}
-
-    def set_state(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
 def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int) -> tuple[Iterator[np.ndarray], list[dict[str, np.ndarray]]]:
-    """(this process's train batches [rows, seq_len+1], the validation batches every process holds).
+    """(this process's training batches [rows, seq_len+1], its share of the validation batches).
 
-    Tiny Shakespeare from $GPT2_JAX_DATA_DIR/tiny_shakespeare/input.txt, GPT-2 BPE tokens, split
-    90/5/5 into train/validation/test by position.
+    The token store is built by `gpt2_jax.data.prepare` (idempotent; process 0 first, so processes
+    never build it concurrently). `eval_batch_size` counts rows of all processes together.
     """
     import jax
 
-    from gpt2_jax.tokenizer import get_tokenizer
+    from gpt2_jax import data
 
-    if tcfg.dataset != "tiny_shakespeare":
-        raise ConfigError(f"unknown dataset {tcfg.dataset!r}; valid: tiny_shakespeare")
-    root = Path(os.environ.get("GPT2_JAX_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-    path = root / "tiny_shakespeare" / "input.txt"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; set GPT2_JAX_DATA_DIR to the directory holding tiny_shakespeare/input.txt")
-    tokens = np.asarray(get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8")), np.int32)
-    n_train, n_val = int(0.9 * len(tokens)), int(0.05 * len(tokens))
-    train_tokens, val_tokens = tokens[:n_train], tokens[n_train : n_train + n_val]
-    loader = _WindowLoader(train_tokens, seq_len, tcfg.batch_size, tcfg.seed, jax.process_index(), jax.process_count())
-    n_windows = (len(val_tokens) - 1) // seq_len
-    windows = [val_tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n_windows)]
-    val = []
-    for i in range(0, len(windows), eval_batch_size):
-        chunk = np.stack(windows[i : i + eval_batch_size])
-        val.append({"tokens": chunk, "mask": np.ones((len(chunk), seq_len), np.float32)})
-    if tcfg.eval_batches:
-        val = val[: tcfg.eval_batches]
-    return loader, [_pad_rows(b, eval_batch_size) for b in val]
+    n, i = jax.process_count(), jax.process_index()
+    if i == 0:
+        store = data.prepare(tcfg.dataset)
+    if n > 1:
+        from jax.experimental import multihost_utils
 
-
-def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """Pad a short final batch with rows of weight 0 so it still divides over the data axes."""
-    n = len(batch["tokens"])
-    if n == rows:
-        return batch
-    return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        multihost_utils.sync_global_devices("gpt2_jax data prepared")
+    if i != 0:
+        store = data.prepare(tcfg.dataset, progress=False)
+    train = data.TrainLoader(
+        store, "train", seq_len=seq_len, batch_size=tcfg.batch_size // n, seed=tcfg.seed, shard_index=i, shard_count=n
+    )
+    val = list(
+        data.eval_batches(
+            store, "validation", seq_len=seq_len, batch_size=eval_batch_size // n,
+            max_batches=tcfg.eval_batches or None, shard_index=i, shard_count=n,
+        )
+    )
+    return train, val
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -377,9 +342,9 @@ def evaluate(eval_step, params, batches, mesh) -> float:
     """Mean validation loss over `batches` (weights from each batch's "mask")."""
     import jax
 
-    from gpt2_jax.sharding import shard_global_batch
+    from gpt2_jax.sharding import shard_batch
 
-    totals = [eval_step(params, shard_global_batch(b, mesh)) for b in batches]
+    totals = [eval_step(params, shard_batch(b, mesh)) for b in batches]
     loss_sum = sum(float(jax.device_get(t["loss_sum"])) for t in totals)
     weight = sum(float(jax.device_get(t["weight"])) for t in totals)
     return loss_sum / max(weight, 1.0)
@@ -399,6 +364,9 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     rules = sharding.logical_rules(tcfg.strategy, mesh, mcfg)
     sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
     micro = tcfg.batch_size // tcfg.grad_accum
+    if micro % jax.process_count():
+        raise ShardingError(f"micro-batch of {micro} sequences does not divide over {jax.process_count()} processes")
+    train_batches, val_batches = load_data(tcfg, seq_len, micro)
 
     peak = tcfg.lr or optim.PEAK_LR[tcfg.size]
     schedule = optim.lr_schedule(peak, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
@@ -418,7 +386,6 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     eval_step = step_lib.compile_eval_step(mcfg, mesh, rules, shardings.params)
     n_new = min(tcfg.sample_tokens, mcfg.n_ctx - 1)
     sampler = make_sampler(mcfg, mesh, rules, n_new, tcfg.top_k)
-    train_batches, val_batches = load_data(tcfg, seq_len, micro)
 
     tokens_per_step = tcfg.batch_size * seq_len
     fpt = flops_per_token(mcfg, seq_len)
@@ -551,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
         run_dir = Path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
         final = train(tcfg, mcfg, run_dir)
-    except (ConfigError, ShardingError) as e:
+    except (ConfigError, ShardingError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
