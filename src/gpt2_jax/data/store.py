@@ -195,11 +195,16 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
             # fork is unsafe in a process running JAX/Grain threads; spawn re-imports TFDS per worker).
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["gpt2_jax.data._forkserver"])
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = {pool.submit(_tokenize_shard, t): t for t in todo}
-                for fut in concurrent.futures.as_completed(futures):
-                    records[futures[fut]["bin"]] = fut.result()
-                    bar.update()
+            try:
+                with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                    futures = {pool.submit(_tokenize_shard, t): t for t in todo}
+                    for fut in concurrent.futures.as_completed(futures):
+                        records[futures[fut]["bin"]] = fut.result()
+                        bar.update()
+            except concurrent.futures.process.BrokenProcessPool as e:
+                # Killed for memory, or a __main__ that worker processes cannot import (python -c, stdin).
+                raise DataError(f"{store}: a tokenizer worker process died ({e}); finished shards are kept, "
+                                "rerun (with --workers 1 to tokenize in this process)") from e
 
     manifest = {"format": FORMAT, "dtype": "uint16", "eot_id": tokenizer.EOT_ID, "tokenizer_hash": tok_hash,
                 "source": description, "source_id": source_id, "splits": {}}
