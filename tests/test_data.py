@@ -118,6 +118,11 @@ def test_text_files_equals_direct_tokenization_and_reports_bad_bytes(tmp_path, p
     np.testing.assert_array_equal(store_tokens(store, "validation"), encode_docs(val))
     manifest = load_manifest(store)
     assert len(manifest["splits"]["train"]["shards"]) == 9  # 60 documents, 7 per shard
+    # One batch holding a whole epoch: windows that cross shard ends are read correctly too.
+    expected = encode_docs(train_docs)
+    loader = TrainLoader(store, seq_len=16, batch_size=(len(expected) - 1) // 16, seed=0)
+    windows = Counter(tuple(expected[w * 16:w * 16 + 17]) for w in range((len(expected) - 1) // 16))
+    assert Counter(map(tuple, next(loader))) == windows
     assert manifest["splits"]["train"]["tokens"] == len(encode_docs(train_docs))
     assert manifest["replaced_bytes"] == {str(tmp_path / "corpus" / "b.txt"): 3}
     err = capfd.readouterr().err
@@ -347,6 +352,19 @@ def test_two_processes_read_disjoint_slices_that_cover_the_split(ts_store):
         seen.append(Counter(map(tuple, rows[:loader.windows_per_epoch])))
     assert not set(seen[0]) & set(seen[1])
     assert seen[0] + seen[1] == every
+
+
+def test_every_epoch_is_a_new_permutation_of_the_windows(ts_store):
+    store, _ = ts_store
+    seq_len, batch = 64, 10
+    tokens = store_tokens(store, "validation")
+    every = Counter(tuple(tokens[w * seq_len:w * seq_len + seq_len + 1]) for w in range((len(tokens) - 1) // seq_len))
+    loader = TrainLoader(store, "validation", seq_len=seq_len, batch_size=batch, seed=5)
+    n = loader.windows_per_epoch
+    rows = take(loader, -(-3 * n // batch)).reshape(-1, seq_len + 1)
+    epochs = [rows[e * n:(e + 1) * n] for e in range(3)]
+    assert all(Counter(map(tuple, e)) == every for e in epochs)
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
 
 
 def test_eval_windows_score_every_target_once():
