@@ -217,11 +217,19 @@ def test_sharded_scoring_equals_one_device(hf_dir):
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 50257, size=n).astype(np.int32) for n in (129, 100, 128, 80, 2, 16, 9, 12, 5)]
     one = Scorer(cfg, params, batch_size=4, devices=jax.devices()[:1]).score(rows)
-    eight = Scorer(cfg, params, batch_size=8).score(rows)
+    scorer8 = Scorer(cfg, params, batch_size=8)
+    eight = scorer8.score(rows)
     assert len(jax.devices()) == 8
     for (a, ha), (b, hb) in zip(one, eight):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(ha, hb)
+    # Scoring only the last k targets (logits at those positions only) gives the same numbers.
+    ks = [1, 99, 3, 79, 1, 15, 8, 2, 4]
+    tails = scorer8.score(rows, ks)
+    for (a, ha), (b, hb), k in zip(one, tails, ks):
+        assert len(b) == k
+        np.testing.assert_allclose(a[-k:], b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ha[-k:], hb)
 
 
 # --- every task end to end -----------------------------------------------------------------------

@@ -162,17 +162,44 @@ def render_table(report: dict[str, Any], *, compare_paper: bool = False, markdow
     return "\n".join(lines + [f"({n})" for n in notes])
 
 
+def _finite(x: Any) -> Any:
+    """NaN/inf (an empty split's perplexity) -> None, so the report is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _data_layout() -> str:
+    from gpt2_jax.eval.tasks import data_file
+
+    lines = ["data files under --data-dir (test split shown):"]
+    for task in TASKS:
+        if task == "lm1b":
+            lines.append(f"  {task:<12} the TFDS catalog's lm1b (needs TensorFlow: pip install 'gpt2_jax[tf]')")
+            continue
+        f = data_file(task, "test")
+        lines.append(f"  {task:<12} {f.relpath:<36} from {f.url}")
+    lines.append("  (valid split: the same names with valid / valid_2000ex; enwik8/text8 split one file 90/5/5)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2_jax.eval",
         description="Evaluate a GPT-2 on the GPT-2 paper's zero-shot language-modeling tasks.",
+        epilog=_data_layout(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True,
                         help="a gpt2_jax params-only checkpoint, a training run or checkpoint directory, "

@@ -61,13 +61,26 @@ def _bucket(n: int, n_ctx: int) -> int:
     return min(n_ctx, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
-def _score_batch(model: GPT2, params: Any, tokens_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Target log-probs [B, L-1] and whether each target is the argmax [B, L-1]."""
+def _score_batch(model: GPT2, K: int, params: Any, tokens_BL: jax.Array, n_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log-probs [B, K] of the last K targets of each row (row b has n_B[b] targets; entries before
+    its first target are junk) and whether each is the model's argmax [B, K].
+
+    The vocabulary projection dominates small models, so it is applied only at the K scored
+    positions: the final hidden states are gathered first, then multiplied by the tied `wte` (the
+    LM head of `model.GPT2`, float32 accumulation).
+    """
+    cfg = model.config
     inputs_BT, targets_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
-    logits_BTV = model.apply({"params": params}, inputs_BT)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return target_logit_BT - lse_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    T = inputs_BT.shape[1]
+    x_BTD = model.apply({"params": params}, inputs_BT, return_hidden=True)
+    idx_BK = jnp.clip(n_B[:, None] - K + jnp.arange(K)[None, :], 0, T - 1)
+    x_BKD = jnp.take_along_axis(x_BTD, idx_BK[..., None], axis=1)
+    wte_VD = params["wte"][: cfg.vocab_size].astype(x_BKD.dtype)
+    logits_BKV = jnp.einsum("BKD,VD->BKV", x_BKD, wte_VD, preferred_element_type=jnp.float32)
+    targets_BK = jnp.take_along_axis(targets_BT, idx_BK, axis=1)
+    lse_BK = jax.nn.logsumexp(logits_BKV, axis=-1)
+    target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
+    return target_logit_BK - lse_BK, jnp.argmax(logits_BKV, axis=-1) == targets_BK
 
 
 class Scorer:
@@ -81,46 +94,59 @@ class Scorer:
         self.config = config
         self.mesh = Mesh(np.array(devices), ("data",))
         self.batch_size = -(-max(1, batch_size) // len(devices)) * len(devices)
-        replicated = NamedSharding(self.mesh, P())
+        self._replicated = NamedSharding(self.mesh, P())
         self._rows = NamedSharding(self.mesh, P("data"))
-        self.params = jax.device_put(params, replicated)
-        self._fn = jax.jit(
-            functools.partial(_score_batch, GPT2(config)),
-            in_shardings=(replicated, self._rows),
-            out_shardings=(self._rows, self._rows),
-        )
+        self.params = jax.device_put(params, self._replicated)
+        self._fns: dict[int, Any] = {}
         self.tokens_scored = 0
 
     @property
     def n_ctx(self) -> int:
         return self.config.n_ctx
 
-    def score_array(self, tokens_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Log-probs and argmax hits [B, L-1] of a ready batch (B = batch_size, L <= n_ctx + 1)."""
-        logp, hit = self._fn(self.params, jax.device_put(np.asarray(tokens_BL, np.int32), self._rows))
-        self.tokens_scored += tokens_BL.shape[0] * (tokens_BL.shape[1] - 1)
+    def _run(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+        if K not in self._fns:  # one jitted function per K; each compiles once per row length
+            self._fns[K] = jax.jit(
+                functools.partial(_score_batch, GPT2(self.config), K),
+                in_shardings=(self._replicated, self._rows, self._rows),
+                out_shardings=(self._rows, self._rows),
+            )
+        put = lambda a: jax.device_put(np.asarray(a, np.int32), self._rows)
+        logp, hit = self._fns[K](self.params, put(tokens_BL), put(n_B))
         return np.asarray(logp, np.float64), np.asarray(hit)
 
-    def score(self, rows: Sequence[np.ndarray], desc: str = "scoring") -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each row of 2..n_ctx+1 tokens: (log-probs [len-1] float64, argmax hits [len-1] bool)."""
-        for r in rows:
-            if not 2 <= len(r) <= self.n_ctx + 1:
-                raise ValueError(f"row of {len(r)} tokens; rows need 2..n_ctx+1={self.n_ctx + 1} tokens")
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    def score_array(self, tokens_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probs and argmax hits [B, L-1] of every target of a ready batch (B = batch_size)."""
+        B, L = tokens_BL.shape
+        self.tokens_scored += B * (L - 1)
+        return self._run(tokens_BL, np.full(B, L - 1), L - 1)
+
+    def score(
+        self, rows: Sequence[np.ndarray], n_scored: Sequence[int] | None = None, desc: str = "scoring"
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each row of 2..n_ctx+1 tokens, (log-probs float64, argmax hits) of its last
+        `n_scored[i]` targets (default all len-1 of them)."""
+        n_scored = [len(r) - 1 for r in rows] if n_scored is None else list(n_scored)
+        for r, k in zip(rows, n_scored):
+            if not 2 <= len(r) <= self.n_ctx + 1 or not 1 <= k <= len(r) - 1:
+                raise ValueError(f"row of {len(r)} tokens scoring {k}; rows need 2..n_ctx+1={self.n_ctx + 1} tokens")
+        # Group rows of similar length and scored count: few distinct (T, K) shapes get compiled.
+        order = sorted(range(len(rows)), key=lambda i: (-_bucket(len(rows[i]) - 1, self.n_ctx), -n_scored[i]))
         out: list[Any] = [None] * len(rows)
         B = self.batch_size
         for b0 in tqdm(range(0, len(order), B), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
             idx = order[b0 : b0 + B]
-            T = _bucket(len(rows[idx[0]]) - 1, self.n_ctx)
-            batch = np.zeros((B, T + 1), np.int32)
+            T = max(_bucket(len(rows[i]) - 1, self.n_ctx) for i in idx)
+            K = min(T, max(_bucket(n_scored[i], self.n_ctx) for i in idx))
+            batch, n_B = np.zeros((B, T + 1), np.int32), np.ones(B, np.int32)
             for j, i in enumerate(idx):
                 batch[j, : len(rows[i])] = rows[i]
-            logp, hit = self._fn(self.params, jax.device_put(batch, self._rows))
-            logp, hit = np.asarray(logp, np.float64), np.asarray(hit)
+                n_B[j] = len(rows[i]) - 1
+            logp, hit = self._run(batch, n_B, K)
             for j, i in enumerate(idx):
-                n = len(rows[i]) - 1
-                out[i] = (logp[j, :n], hit[j, :n])
-                self.tokens_scored += n
+                k = n_scored[i]
+                out[i] = (logp[j, K - k :], hit[j, K - k :])
+                self.tokens_scored += k
         return out
 
     def score_sequences(
@@ -137,10 +163,10 @@ class Scorer:
             for w in sliding_windows(len(seq), self.n_ctx, stride, first):
                 rows.append(np.asarray(seq[w.start : w.end + 1], np.int32))
                 owners.append((s, w.skip))
-        scored = self.score(rows, desc)
+        scored = self.score(rows, [len(r) - 1 - skip for r, (_, skip) in zip(rows, owners)], desc)
         parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in seqs]
-        for (s, skip), (logp, hit) in zip(owners, scored):
-            parts[s].append((logp[skip:], hit[skip:]))
+        for (s, _), pair in zip(owners, scored):
+            parts[s].append(pair)
         return [
             (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps])) if ps
             else (np.zeros(0), np.zeros(0, bool))
