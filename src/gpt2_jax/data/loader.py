@@ -25,7 +25,6 @@ class _Windows:
 
     def __init__(self, tokens: SplitTokens, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
-        self._span = np.arange(seq_len + 1)
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
@@ -35,18 +34,8 @@ class _Windows:
         return self.tokens.read(start, start + self.seq_len + 1)
 
     def read_batch(self, ws: np.ndarray) -> np.ndarray:
-        """int32 [len(ws), seq_len + 1]: one gather per shard; windows across shard ends read alone."""
-        tokens, offsets = self.tokens, self.tokens.offsets
-        starts = np.asarray(ws, np.int64) * self.seq_len
-        out = np.empty((len(starts), self.seq_len + 1), np.int32)
-        shard = np.searchsorted(offsets, starts, side="right") - 1
-        inside = starts + self.seq_len + 1 <= offsets[shard + 1]
-        for s in np.unique(shard[inside]):
-            rows = np.nonzero(inside & (shard == s))[0]
-            out[rows] = tokens.shards[s][(starts[rows] - offsets[s])[:, None] + self._span]
-        for r in np.nonzero(~inside)[0]:
-            out[r] = self[ws[r]]
-        return out
+        """int32 [len(ws), seq_len + 1]: the windows ws."""
+        return self.tokens.gather(np.asarray(ws, np.int64) * self.seq_len, self.seq_len + 1)
 
 
 class _Batches:
@@ -179,7 +168,12 @@ def eval_batches(store, split: str = "validation", *, seq_len: int, batch_size: 
     for b in range(n_batches):
         batch_tokens = np.zeros((batch_size, seq_len + 1), np.int32)
         mask = np.zeros((batch_size, seq_len), np.float32)
-        for r, (start, length, first) in enumerate(mine[b * batch_size:(b + 1) * batch_size]):
-            batch_tokens[r, :length] = tokens.read(start, start + length)
+        rows = mine[b * batch_size:(b + 1) * batch_size]
+        full = [r for r, (_, length, _) in enumerate(rows) if length == seq_len + 1]
+        if full:
+            batch_tokens[full] = tokens.gather([rows[r][0] for r in full], seq_len + 1)
+        for r, (start, length, first) in enumerate(rows):
+            if length != seq_len + 1:  # the split's last window
+                batch_tokens[r, :length] = tokens.read(start, start + length)
             mask[r, first:length - 1] = 1.0
         yield {"tokens": batch_tokens, "mask": mask}

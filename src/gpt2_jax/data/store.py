@@ -289,3 +289,17 @@ class SplitTokens:
         if not parts:
             return np.zeros(0, np.int32)
         return np.concatenate(parts).astype(np.int32) if len(parts) > 1 else parts[0].astype(np.int32)
+
+    def gather(self, starts, length: int) -> np.ndarray:
+        """int32 [len(starts), length]: tokens [s, s + length) for each start (one gather per shard)."""
+        starts = np.asarray(starts, np.int64)
+        out = np.empty((len(starts), length), np.int32)
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        inside = starts + length <= self.offsets[np.minimum(shard + 1, len(self.shards))]
+        span = np.arange(length)
+        for s in np.unique(shard[inside]):
+            rows = np.nonzero(inside & (shard == s))[0]
+            out[rows] = self.shards[s][(starts[rows] - self.offsets[s])[:, None] + span]
+        for r in np.nonzero(~inside)[0]:  # across a shard end
+            out[r] = self.read(int(starts[r]), int(starts[r]) + length)
+        return out
