@@ -16,7 +16,7 @@ import torch
 
 from gpt2_jax import checkpoint, convert
 from gpt2_jax.eval import (
-    EvalError, Options, Scorer, count_words, moses_detokenize, ptb_detokenize, sliding_windows, wikitext_detokenize,
+    Options, Scorer, count_words, moses_detokenize, ptb_detokenize, sliding_windows, wikitext_detokenize,
 )
 from gpt2_jax.eval import cli, tasks
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
@@ -133,8 +133,8 @@ def _hf_windowed_nll(model, ids: list[int], n_ctx: int, stride: int) -> tuple[fl
         labels = window.clone()
         labels[0, : prev_end - lo] = -100  # context, or scored by an earlier window
         with torch.no_grad():
-            loss = model(window[:, :-1], labels=None).logits.log_softmax(-1)
-        logp = loss[0].gather(-1, window[0, 1:, None])[:, 0].double()
+            logp_TV = model(window[:, :-1]).logits.log_softmax(-1)
+        logp = logp_TV[0].gather(-1, window[0, 1:, None])[:, 0].double()
         keep = labels[0, 1:] != -100
         total -= float(logp[keep].sum())
         count += int(keep.sum())
