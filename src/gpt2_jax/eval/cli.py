@@ -26,24 +26,20 @@ PAPER_NAMES = {"small": "117M", "medium": "345M", "large": "762M", "xl": "1542M"
 
 
 def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Any, str]:
-    """(config, params, kind) from an HF GPT-2 directory or a gpt2_jax checkpoint / run directory."""
-    from gpt2_jax import checkpoint, convert
+    """(config, params, kind) from an HF GPT-2 directory, a params-only checkpoint, a training run
+    or a step directory of one (resolved by `checkpoint.load_model`)."""
+    from gpt2_jax import checkpoint
 
     path = Path(path)
     if not path.is_dir():
         raise EvalError(f"--model {path}: not a directory")
-    # An HF directory has HF weight files beside its config.json (a gpt2_jax checkpoint's
-    # config.json has the same field names, but its weights are in params/).
     hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    is_hf = (path / "config.json").is_file() and any((path / w).is_file() for w in hf_weights)
+    kind = "huggingface" if any((path / w).is_file() for w in hf_weights) else "gpt2_jax"
     try:
-        if is_hf:
-            cfg, params = convert.load_hf(path)
-            return cfg, params, "huggingface"
-        cfg, params = checkpoint.load_params(path)
-        return cfg, params, "gpt2_jax"
-    except (convert.ConversionError, checkpoint.CheckpointError, ConfigError, OSError) as e:
+        config, params = checkpoint.load_model(path)
+    except (checkpoint.CheckpointError, ConfigError, OSError) as e:
         raise EvalError(f"--model {path}: {e}") from e
+    return config, params, kind
 
 
 def params_sha256(params: Any) -> str:
