@@ -315,8 +315,14 @@ def abstract_from_description(desc: dict[str, Any], mesh: jax.sharding.Mesh | No
             missing = names - set(mesh.axis_names)
             if missing:
                 raise CheckpointError(f"{key} is partitioned over mesh axes {sorted(missing)} that the new mesh lacks")
-            spec = [tuple(s) if isinstance(s, list) else s for s in spec]
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+            # A dimension keeps a mesh axis only while the new mesh's sizes still divide it.
+            fitted = []
+            for dim, s in zip(leaf["shape"], spec):
+                axes = [] if s is None else list(s) if isinstance(s, list) else [s]
+                while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
+                    axes.pop()
+                fitted.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fitted))
         out[key] = jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"]), sharding=sharding)
     return out
 
