@@ -173,3 +173,65 @@ def split_validation(examples: list, min_examples: int = 20, fraction: float = 0
         return examples, []
     n_val = max(1, int(len(examples) * fraction))
     return examples[:-n_val], examples[-n_val:]
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks used by gpt2_jax.train (init_from=, finetune_data=)
+
+# ModelConfig fields that describe numerics or memory layout rather than the weights, taken from the
+# training configuration when starting from a checkpoint; everything else comes from the checkpoint.
+_RUN_FIELDS = ("dtype", "embd_pdrop", "attn_pdrop", "resid_pdrop", "scan_layers", "remat_policy")
+
+
+def load_init(path: str, run_config):
+    """(ModelConfig, params) to start training from: the checkpoint's shape, the run's numerics.
+
+    `path` is anything `checkpoint.load_model` accepts (params checkpoint, run or step directory,
+    HF GPT-2 directory). Params are converted to the layer layout the run uses.
+    """
+    import dataclasses
+
+    from gpt2_jax import checkpoint
+    from gpt2_jax.model import stack_layers, unstack_layers
+
+    try:
+        cfg, params = checkpoint.load_model(path)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"init_from={path}: {e}") from None
+    cfg = dataclasses.replace(cfg, **{k: getattr(run_config, k) for k in _RUN_FIELDS})
+    if cfg.scan_layers and "h" not in params:
+        params = stack_layers(params, cfg.n_layer)
+    elif not cfg.scan_layers and "h" in params:
+        params = unstack_layers(params)
+    return cfg, params
+
+
+def with_params(state, shardings, params, tx):
+    """`state` with the given params placed on its shardings and a fresh optimizer state for them."""
+    import jax
+
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def load_data(tcfg, mcfg, eval_batch_size: int):
+    """(train batches, this process's validation batches, seq_len) for `finetune_data=`.
+
+    seq_len 0 means: just long enough for the longest example (at most the context). The last 5%
+    of the examples are held out for validation when there are at least 20; otherwise the
+    validation loss is measured on the training examples.
+    """
+    import jax
+
+    pairs = read_pairs(tcfg.finetune_data, tcfg.prompt_template, tcfg.completion_template)
+    examples = encode_pairs(pairs, tcfg.seq_len or mcfg.n_ctx)
+    seq_len = tcfg.seq_len or min(mcfg.n_ctx, longest(examples) - 1)
+    train_ex, val_ex = split_validation(examples)
+    n, i = jax.process_count(), jax.process_index()
+    train = PairLoader(train_ex, seq_len, tcfg.batch_size, tcfg.seed, shard_index=i, shard_count=n)
+    rows = eval_batch_size // n
+    val = [{k: v[i * rows:(i + 1) * rows] for k, v in b.items()} for b in eval_batches(val_ex or train_ex, seq_len, eval_batch_size)]
+    if tcfg.eval_batches:
+        val = val[: tcfg.eval_batches]
+    return train, val, seq_len

@@ -379,28 +379,16 @@ def encode_prompt(text: str) -> list[int]:
 
 def load_model(spec: str, *, seed: int = 0) -> tuple[ModelConfig, Any]:
     """`(config, params)` from a checkpoint, run directory, HF GPT-2 directory, or `random:SIZE`."""
-    from gpt2_jax import checkpoint, convert
+    from gpt2_jax import checkpoint
     from gpt2_jax.config import get_model_config
     from gpt2_jax.model import init_params
 
     if spec.startswith("random:"):
         cfg = get_model_config(spec.removeprefix("random:"))
         return cfg, init_params(cfg, jax.random.key(seed))
-    return _load_path(Path(spec), checkpoint, convert)
-
-
-def _load_path(path: Path, checkpoint, convert):
-    if not path.exists():
-        raise GenerationError(f"model {path} does not exist (a checkpoint, run directory, HF directory or random:SIZE)")
-    cfg_file = path / "config.json"
-    if cfg_file.is_file():
-        try:
-            hf = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            hf = {}
-        if isinstance(hf, dict) and "n_embd" in hf and not (path / checkpoint.PARAMS_DIR).is_dir():
-            return convert.load_hf(path)
-    return checkpoint.load_params(path)
+    if not Path(spec).exists():
+        raise GenerationError(f"model {spec} does not exist (a checkpoint, run directory, HF directory or random:SIZE)")
+    return checkpoint.load_model(spec)
 
 
 class _TextStream:

@@ -61,6 +61,14 @@ class TrainConfig:
     log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard / the console
     seed: int = 0
     run_dir: str = ""  # default runs/EXPERIMENT-YYYYmmdd-HHMMSS
+    # Fine-tuning (gpt2_jax.finetune). init_from: start from this checkpoint, run or HF GPT-2
+    # directory (its shape replaces the size preset's); finetune_data: a jsonl of prompt/completion
+    # pairs used instead of `dataset`, the loss counting completion tokens only; the templates
+    # render each record's fields into the prompt and the completion.
+    init_from: str = ""
+    finetune_data: str = ""
+    prompt_template: str = "{prompt}"
+    completion_template: str = "{completion}"
 
     def __post_init__(self):
         if self.size not in SIZES:
@@ -355,18 +363,26 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     import jax
     from tqdm import tqdm
 
-    from gpt2_jax import optim, sharding, step as step_lib
+    from gpt2_jax import finetune, optim, sharding, step as step_lib
 
     is_main = jax.process_index() == 0
     mcfg = resolve_dtype(tcfg, mcfg)
+    init_params = None
+    if tcfg.init_from:
+        mcfg, init_params = finetune.load_init(tcfg.init_from, mcfg)
     seq_len = tcfg.seq_len or mcfg.n_ctx
+    if seq_len > mcfg.n_ctx:
+        raise ConfigError(f"seq_len={seq_len} exceeds the model context n_ctx={mcfg.n_ctx}")
     mesh = sharding.make_mesh(tcfg.mesh)
     rules = sharding.logical_rules(tcfg.strategy, mesh, mcfg)
     sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
     micro = tcfg.batch_size // tcfg.grad_accum
     if micro % jax.process_count():
         raise ShardingError(f"micro-batch of {micro} sequences does not divide over {jax.process_count()} processes")
-    train_batches, val_batches = load_data(tcfg, seq_len, micro)
+    if tcfg.finetune_data:
+        train_batches, val_batches, seq_len = finetune.load_data(tcfg, mcfg, micro)
+    else:
+        train_batches, val_batches = load_data(tcfg, seq_len, micro)
 
     peak = tcfg.lr or optim.PEAK_LR[tcfg.size]
     schedule = optim.lr_schedule(peak, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
@@ -380,6 +396,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     writer = MetricsWriter(run_dir, is_main)
 
     state, shardings = create_state(tcfg, mcfg, tx, mesh, rules)
+    if init_params is not None:
+        state = finetune.with_params(state, shardings, init_params, tx)
     if mesh.size > 1:
         sharding.check_params_sharded(state.params, tcfg.strategy)
     train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, mesh, rules, shardings)
@@ -446,7 +464,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     pending = None
     try:
         for step in bar:
-            batch = sharding.shard_batch({"tokens": next(train_batches)}, mesh)
+            batch = next(train_batches)  # fine-tuning batches are dicts with a "mask"
+            batch = sharding.shard_batch(batch if isinstance(batch, dict) else {"tokens": batch}, mesh)
             state, metrics = train_step(state, batch)  # dispatch step t ...
             if pending is not None:
                 record(*pending)  # ... then read step t-1's metrics while t runs
