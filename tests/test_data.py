@@ -102,7 +102,10 @@ def write_corpus(d: Path, paragraphs):
     raw = b"caf\xe9 \xff\xfe bytes\n" + paragraphs[40].encode()
     (d / "b.txt").write_bytes(raw)
     c = paragraphs[41:60]
-    (d / "c.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in c))
+    lines = [json.dumps({"text": p}).encode() for p in c]
+    lines[2] = b'{"text": "na\xefve \\ud800 ' + json.dumps(paragraphs[43][:50])[1:-1].encode() + b'"}'  # raw bad byte, lone surrogate
+    (d / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    c[2] = "na\ufffdve " + "\ufffd" * 3 + " " + paragraphs[43][:50]
     b_text = raw.decode("utf-8", errors="replace")  # 3 invalid bytes, each alone -> 3 x U+FFFD
     return a + [b_text] + c
 
@@ -124,9 +127,11 @@ def test_text_files_equals_direct_tokenization_and_reports_bad_bytes(tmp_path, p
     windows = Counter(tuple(expected[w * 16:w * 16 + 17]) for w in range((len(expected) - 1) // 16))
     assert Counter(map(tuple, next(loader))) == windows
     assert manifest["splits"]["train"]["tokens"] == len(encode_docs(train_docs))
-    assert manifest["replaced_bytes"] == {str(tmp_path / "corpus" / "b.txt"): 3}
+    assert manifest["replaced_bytes"] == {str(tmp_path / "corpus" / "b.txt"): 3,
+                                          f"{tmp_path / 'corpus' / 'c.jsonl'}:3": 4}
     err = capfd.readouterr().err
     assert f"warning: {tmp_path / 'corpus' / 'b.txt'}: 3 invalid UTF-8 bytes replaced with U+FFFD" in err
+    assert f"warning: {tmp_path / 'corpus' / 'c.jsonl'}:3: 4 invalid UTF-8 bytes replaced with U+FFFD" in err
 
 
 def test_text_files_held_out_split_partitions_documents(tmp_path, paragraphs):

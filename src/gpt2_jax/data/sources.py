@@ -71,8 +71,9 @@ def _features() -> tfds.features.FeaturesDict:
     })
 
 
-def _example(raw: bytes, source: str) -> dict[str, Any]:
+def _example(raw: bytes, source: str, replaced: int = 0) -> dict[str, Any]:
     text, n = decode_text(raw)
+    n += replaced
     if n:
         warn(f"{source}: {n} invalid UTF-8 bytes replaced with U+FFFD")
     return {"text": text, "source": source, "replaced_bytes": n}
@@ -164,9 +165,10 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            line, bad = decode_text(line)  # invalid bytes inside a JSON string become U+FFFD
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not a JSON line ({e})") from e
             if not isinstance(record, dict) or field not in record:
                 keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
@@ -175,9 +177,10 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[tuple[str, dict[str, Any]]]:
             if not isinstance(value, str):
                 raise DataError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
             if value:
-                # JSON already decoded the text; lone surrogates from "\udcxx" escapes are replaced.
-                raw = value.encode("utf-8", errors="surrogateescape")
-                yield f"{path.name}:{lineno}", _example(raw, f"{path}:{lineno}")
+                # Lone surrogates from escapes such as "\ud800" are not text: each of their 3
+                # bytes is replaced like any other invalid byte.
+                raw = value.encode("utf-8", errors="surrogatepass")
+                yield f"{path.name}:{lineno}", _example(raw, f"{path}:{lineno}", bad)
 
 
 class WebText(_Builder, skip_registration=True):
