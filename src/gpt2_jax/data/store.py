@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import tokenizer
-from gpt2_jax.data.sources import DataError, build, decode_text, resolve_dirs, warn
+from gpt2_jax.data.sources import DataError, build, decode_text, resolve_dirs
 
 FORMAT = "gpt2_jax.tokens.v1"
 MANIFEST = "manifest.json"
