@@ -299,6 +299,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     ptb12 = "".join((data_dir / "ptb" / "ptb.valid.txt").read_text().splitlines(True)[:12])
     assert t["ptb"]["counts"]["words"] == len(ptb12.split()) + 12
     assert report["protocol"]["stride"] == N_CTX // 2
+    assert len(report["protocol"]["devices"]) == len(jax.local_devices()) == 8  # batch sharded over all
     assert "paper (no matching size)" in printed
 
 
