@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from gpt2_jax import tokenizer
@@ -323,15 +324,17 @@ def test_resume_in_new_process_is_bit_identical(ts_store, tmp_path):
     full = take(TrainLoader(store, seq_len=16, batch_size=3, seed=7), k + n)
     loader = TrainLoader(store, seq_len=16, batch_size=3, seed=7)
     take(loader, k)
-    (tmp_path / "state.json").write_text(json.dumps(loader.get_state()))
+    # Saved as the checkpoint module does (Orbax JSON), restored in a fresh interpreter.
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(tmp_path / "state", args=ocp.args.JsonSave(loader.get_state()))
     script = (
-        "import json, sys, numpy as np\n"
+        "import sys, numpy as np, orbax.checkpoint as ocp\n"
         "from gpt2_jax.data import TrainLoader\n"
         "loader = TrainLoader(sys.argv[1], seq_len=16, batch_size=3, seed=7)\n"
-        "loader.set_state(json.loads(open(sys.argv[2]).read()))\n"
+        "state = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(sys.argv[2], args=ocp.args.JsonRestore())\n"
+        "loader.set_state(state)\n"
         f"np.save(sys.argv[3], np.stack([next(loader) for _ in range({n})]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(store), str(tmp_path / "state.json"), str(tmp_path / "b.npy")],
+    out = subprocess.run([sys.executable, "-c", script, str(store), str(tmp_path / "state"), str(tmp_path / "b.npy")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), full[k:])
