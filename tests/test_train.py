@@ -1,0 +1,124 @@
+"""Training entry point: experiments, config overrides, CLI errors, MFU, an end-to-end run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gpt2_jax import train
+from gpt2_jax.config import ConfigError, get_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.py"))
+
+
+def test_every_experiment_loads():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"tiny", "small", "medium", "large", "xl"} <= names
+    for path in EXPERIMENTS:
+        tcfg, mcfg = train.resolve_config(train.load_experiment(path))
+        assert tcfg.steps > 0 and mcfg.n_layer > 0
+        if path.stem in ("small", "medium", "large", "xl"):
+            paper = get_model_config(path.stem)
+            assert (mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_ctx) == (paper.n_layer, paper.n_embd, paper.n_head, 1024)
+            assert tcfg.seq_len == 1024 and tcfg.batch_size == 512
+    tiny, _ = train.resolve_config(train.load_experiment(train.find_experiment("tiny")))
+    assert tiny.dataset == "tiny_shakespeare"
+
+
+def test_overrides_are_type_checked():
+    tcfg, mcfg = train.resolve_config({"size": "small", "steps": "7", "lr": "3e-4", "n_layer": "2", "dropout": "0.1"})
+    assert (tcfg.steps, tcfg.lr, mcfg.n_layer, mcfg.attn_pdrop) == (7, 3e-4, 2, 0.1)
+    with pytest.raises(ConfigError, match="unknown key 'stepz'; valid keys: .*steps"):
+        train.resolve_config({"stepz": "1"})
+    with pytest.raises(ConfigError, match="steps expects int"):
+        train.resolve_config({"steps": "many"})
+    with pytest.raises(ConfigError, match="compute_dtype="):
+        train.resolve_config({"dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="unknown size"):
+        train.resolve_config({"size": "huge"})
+
+
+def test_experiment_files_are_not_executed(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nCONFIG = dict(steps=os.getpid())\n")
+    with pytest.raises(ConfigError, match="literal dict"):
+        train.load_experiment(bad)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["huge"], "unknown experiment 'huge'"),
+        (["tiny", "stepz=3"], "unknown key 'stepz'"),
+        (["tiny", "steps=three"], "steps expects int"),
+        (["tiny", "mesh=3,1,1"], "needs 3 devices but 8 are available"),
+        (["tiny", "mesh=8,1,1", "batch_size=4"], "does not divide over the data axes"),
+        (["tiny", "batch_size=16", "grad_accum=3"], "not divisible by grad_accum"),
+    ],
+)
+def test_cli_bad_input(capsys, args, message):
+    assert train.main(args) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_error_is_one_line_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2_jax.train", "tiny", "n_layers=3"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown key 'n_layers'") and proc.stderr.count("\n") == 1
+
+
+def test_flops_and_peak_table():
+    small = get_model_config("small")
+    # 6 * (124,439,808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
+    assert train.flops_per_token(small, 1024) == 6 * 123_653_376 + 113_246_208
+    dev = lambda platform, kind: SimpleNamespace(platform=platform, device_kind=kind)
+    assert train.peak_flops(dev("gpu", "NVIDIA H100 80GB HBM3")) == 989e12
+    assert train.peak_flops(dev("gpu", "NVIDIA H100 PCIe")) == 756e12
+    assert train.peak_flops(dev("tpu", "TPU v5 lite")) == 197e12
+    assert train.peak_flops(dev("tpu", "TPU v5p")) == 459e12
+    assert train.peak_flops(dev("cpu", "cpu")) is None
+    assert train.peak_flops(dev("gpu", "Some Future GPU")) is None
+
+
+TINY_RUN = ["n_layer=1", "n_embd=48", "n_head=3", "seq_len=32", "batch_size=8", "eval_batches=1", "sample_tokens=4", "log_every=1"]
+
+
+@pytest.mark.slow
+def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
+    run = tmp_path / "run"
+    assert train.main(["tiny", *TINY_RUN, "steps=3", "eval_every=2", f"run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert "sample:" in out and "val loss" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 3]
+    assert {"loss", "grad_norm", "lr", "tokens_seen", "tokens_per_s"} <= set(records[0])
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["n_layer"] == 1 and config["train"]["steps"] == 3
+    assert any((run / "tensorboard").iterdir())
+    # A learning rate this large overflows the weights: the run stops loudly.
+    assert train.main(["tiny", *TINY_RUN, "steps=4", "lr=1e38", "warmup_steps=0", f"run_dir={tmp_path / 'nan'}"]) == 1
+    assert "error: loss is nan" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_make_train_reaches_val_loss_6(tmp_path, shared_data):
+    """The acceptance command itself: `make train` (tiny on Tiny Shakespeare, CPU)."""
+    env = {**os.environ, "GPT2_JAX_DATA_DIR": str(shared_data)}
+    proc = subprocess.run(
+        ["make", "-s", "train", f"ARGS=run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["val_loss"] <= 6.0
+    assert "sample:\nROMEO:" in proc.stdout
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses[-1] < losses[0] - 3.0
