@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,14 @@ class TrainConfig:
     log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard / the console
     seed: int = 0
     run_dir: str = ""  # default runs/EXPERIMENT-YYYYmmdd-HHMMSS
+    # Checkpoints in RUN_DIR/checkpoints (gpt2_jax.checkpoint), saved asynchronously every
+    # ckpt_every steps, at the end and on SIGTERM/SIGINT; the latest ckpt_keep and the best
+    # ckpt_keep_best by validation loss are kept. resume: continue from the newest readable one.
+    resume: bool = True
+    ckpt_every: int = 500  # 0 = only at the end (and when stopped by a signal)
+    ckpt_keep: int = 3
+    ckpt_keep_best: int = 1
+    ckpt_async: bool = True
     # Fine-tuning (gpt2_jax.finetune). init_from: start from this checkpoint, run or HF GPT-2
     # directory (its shape replaces the size preset's); finetune_data: a jsonl of prompt/completion
     # pairs used instead of `dataset`, the loss counting completion tokens only; the templates
@@ -77,10 +86,10 @@ class TrainConfig:
             raise ConfigError(f"unknown compute_dtype {self.compute_dtype!r}; valid: auto, {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        for name in ("batch_size", "grad_accum", "steps", "sample_tokens", "top_k", "log_every"):
+        for name in ("batch_size", "grad_accum", "steps", "sample_tokens", "top_k", "log_every", "ckpt_keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "eval_every", "eval_batches", "sample_every", "lr", "weight_decay", "grad_clip"):
+        for name in ("seq_len", "warmup_steps", "eval_every", "eval_batches", "sample_every", "lr", "weight_decay", "grad_clip", "ckpt_every", "ckpt_keep_best"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -346,6 +355,33 @@ def create_state(tcfg: TrainConfig, mcfg: ModelConfig, tx, mesh, rules):
     return init_train_state_sharded(mcfg, tx, tcfg.seed, mesh, rules)
 
 
+def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, state, train_batches, echo):
+    """`(state, restored)`: the run's newest readable checkpoint (onto `state`'s shardings, the
+    data iterator moved to where it was) when there is one, else `(state, None)`."""
+    from gpt2_jax import checkpoint
+
+    steps = ckpt.steps()
+    if not steps:
+        return state, None
+    if not tcfg.resume:
+        raise ConfigError(f"{ckpt.directory} already holds checkpoints (steps {steps}); resume=true continues that run, or choose another run_dir=")
+    restored = ckpt.restore_latest(checkpoint.abstract_like(state))
+    if restored is None:
+        raise TrainingError(f"no checkpoint in {ckpt.directory} could be restored (see above)")
+    saved = (restored.config or {}).get("model", {})
+    keys = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size", "pad_vocab_multiple", "scan_layers")
+    diff = [f"{k}={saved[k]} (now {getattr(mcfg, k)})" for k in keys if k in saved and saved[k] != getattr(mcfg, k)]
+    if diff:
+        raise ConfigError(f"checkpoint step {restored.step} in {ckpt.directory} has another model shape: {', '.join(diff)}")
+    if restored.data_state:
+        try:
+            train_batches.set_state(restored.data_state)
+        except (DataError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"cannot resume the data iterator of checkpoint step {restored.step}: {e}") from None
+    echo(f"resumed from checkpoint step {restored.step} in {ckpt.directory}" + (" (init_from= ignored)" if tcfg.init_from else ""))
+    return restored.state, restored
+
+
 def evaluate(eval_step, params, batches, mesh) -> float:
     """Mean validation loss over `batches` (weights from each batch's "mask")."""
     import jax
@@ -363,7 +399,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     import jax
     from tqdm import tqdm
 
-    from gpt2_jax import finetune, optim, sharding, step as step_lib
+    from gpt2_jax import checkpoint, finetune, optim, sharding, step as step_lib
 
     is_main = jax.process_index() == 0
     mcfg = resolve_dtype(tcfg, mcfg)
@@ -400,6 +436,12 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         state = finetune.with_params(state, shardings, init_params, tx)
     if mesh.size > 1:
         sharding.check_params_sharded(state.params, tcfg.strategy)
+    ckpt = checkpoint.Checkpointer(
+        run_dir, checkpoint.CheckpointOptions(tcfg.ckpt_every, tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async)
+    )
+    state, _ = resume(tcfg, mcfg, ckpt, state, train_batches, echo if is_main else lambda *_: None)
+    run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
+    val_at: dict[int, float] = {}
     train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, mesh, rules, shardings)
     eval_step = step_lib.compile_eval_step(mcfg, mesh, rules, shardings.params)
     n_new = min(tcfg.sample_tokens, mcfg.n_ctx - 1)
@@ -450,7 +492,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         if force or (tcfg.eval_every and done % tcfg.eval_every == 0):
             val_loss = evaluate(eval_step, state.params, val_batches, mesh)
             writer.write(done, {"val_loss": val_loss})
-            final["val_loss"] = val_loss
+            final["val_loss"] = val_at[done] = val_loss
             if is_main:
                 bar.write(f"step {done:>6} | val loss {val_loss:.4f}")
         if force or (tcfg.sample_every and done % tcfg.sample_every == 0):
@@ -460,8 +502,16 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
             if is_main:
                 bar.write(f"step {done:>6} | sample:\n{text}\n")
 
+    def save(done: int) -> None:
+        metrics = {"loss": final["loss"]} if "loss" in final else {}
+        if done in val_at:
+            metrics[checkpoint.BEST_METRIC] = val_at[done]
+        if ckpt.save(done, state, data_state=train_batches.get_state(), config=run_config, metrics=metrics) and is_main:
+            bar.write(f"step {done:>6} | saving checkpoint to {ckpt.directory / str(done)}")
+
     bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not is_main, dynamic_ncols=True)
     pending = None
+    guard = checkpoint.PreemptionGuard(ckpt).__enter__()  # SIGTERM/SIGINT: stop after this step
     try:
         for step in bar:
             batch = next(train_batches)  # fine-tuning batches are dicts with a "mask"
@@ -477,12 +527,36 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
                 record(*pending)
                 pending = None
                 validate_and_sample(done, force=False)
+            stop = guard.stop(done)  # every step, on every host (a sync point on multi-host runs)
+            if done < tcfg.steps and (stop or ckpt.should_save(done)):
+                if pending is not None:
+                    record(*pending)  # a NaN loss stops here, before the state is saved
+                    pending = None
+                save(done)
+                if stop:
+                    final["stopped"] = guard.signal_name or "preemption"
+                    break
         if pending is not None:
             record(*pending)
-        validate_and_sample(tcfg.steps, force=True)
+        if "stopped" not in final:
+            validate_and_sample(tcfg.steps, force=True)
+            save(tcfg.steps)
+    except TrainingError as e:
+        ckpt.wait()
+        last = ckpt.latest_step()
+        raise TrainingError(f"{e}; last good checkpoint: " + (f"step {last} in {ckpt.directory}" if last else "none")) from None
     finally:
+        guard.__exit__()
+        ckpt.close()
         bar.close()
         writer.close()
+    saved_step = final.get("step", start_step)
+    if saved_step not in ckpt.steps():
+        last = ckpt.latest_step()
+        raise TrainingError(
+            f"the checkpoint of step {saved_step} was not saved (see above); the newest saved checkpoint is "
+            + (f"step {last} in {ckpt.directory}" if last else "none")
+        )
     if is_main:
         write_json_atomic(run_dir / "final.json", {k: v for k, v in final.items()})
     return final
@@ -540,9 +614,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardingError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, OSError) as e:  # OSError: e.g. a run directory that is not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if final.get("stopped"):
+        if jax.process_index() == 0:
+            again = list(argv if argv is not None else sys.argv[1:])
+            if not tcfg.run_dir:
+                again.append(f"run_dir={run_dir}")
+            print(
+                f"stopped by {final['stopped']} after step {final['step']}; checkpoint saved in {run_dir / 'checkpoints'}. "
+                f"To resume: python -m gpt2_jax.train {shlex.join(again)}"
+            )
+        return 0
     if jax.process_index() == 0:
         summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
         if "val_loss" in final:
