@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2_jax.data.sources import BUILTIN, CACHE_DIR_ENV, DATA_DIR_ENV, DataError
+from gpt2_jax.data.sources import BUILTIN, CACHE_DIR_ENV, DATA_DIR_ENV, OFFLINE_ENV, DataError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,13 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="build a data set with TFDS and tokenize it into a token store",
                        description="Build a data set (TFDS, ArrayRecord) and tokenize every split into packed "
-                                   "uint16 shards with a manifest. Re-running skips finished work.")
+                                   "uint16 shards with a manifest. Re-running skips finished work.",
+                       epilog=f"Environment: {DATA_DIR_ENV} (manual directory), {CACHE_DIR_ENV} (cache), "
+                              f"{OFFLINE_ENV}=1 (never download: report missing files at once).")
     p.add_argument("--dataset", required=True,
                    help=f"{', '.join(BUILTIN)}, or tfds:NAME[/CONFIG] for a TFDS catalog data set (needs the tf extra)")
     p.add_argument("--manual-dir", help=f"directory with one folder of raw files per data set (default ${DATA_DIR_ENV})")
     p.add_argument("--cache-dir", help=f"where TFDS builds and token stores go (default ${CACHE_DIR_ENV} or ~/.cache/gpt2_jax)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: number of CPUs)")
-    p.add_argument("--docs-per-shard", type=int, default=None,
+    p.add_argument("--workers", type=_positive, default=None, help="tokenizer processes (default: number of CPUs)")
+    p.add_argument("--docs-per-shard", type=_positive, default=None,
                    help="documents per token shard (default: about 64 MiB of text per shard)")
     p.add_argument("--files", help="text_files: glob of .txt (one document each) and .jsonl (one per line) files")
     p.add_argument("--validation-files", help="text_files: glob of the validation files (default: hold out by hash)")

@@ -399,6 +399,8 @@ class TextFiles(_Builder, skip_registration=True):
 
 SOURCES = {"tiny_shakespeare": TinyShakespeare, "openwebtext": OpenWebText, "webtext": WebText,
            "text_files": TextFiles}
+OPTIONS = {"tiny_shakespeare": (), "webtext": (), "openwebtext": ("validation_fraction",),
+           "text_files": ("files", "field", "validation_files", "validation_fraction")}
 
 
 def resolve_dirs(cache_dir=None, manual_dir=None) -> tuple[Path, Path | None]:
@@ -419,12 +421,13 @@ def build(dataset: str, *, cache_dir: Path, manual_root: Path | None, **options)
         return _catalog(dataset[len(CATALOG_PREFIX):], cache_dir=cache_dir, manual_root=manual_root, **options)
     if dataset not in SOURCES:
         raise DataError(f"unknown data set {dataset!r}; valid: {', '.join(BUILTIN)}, or tfds:NAME for the TFDS catalog")
-    cls = SOURCES[dataset]
+    unknown = sorted(set(options) - set(OPTIONS[dataset]))
+    if unknown:
+        takes = ", ".join(f"--{o.replace('_', '-')}" for o in OPTIONS[dataset]) or "none"
+        raise DataError(f"{dataset} does not take --{unknown[0].replace('_', '-')} (its options: {takes})")
     manual = manual_root / dataset if manual_root else None
-    try:
-        builder = cls(manual_dir=manual, data_dir=str(cache_dir / "tfds"), file_format="array_record", **options)
-    except TypeError as e:
-        raise DataError(f"{dataset}: unsupported option ({e})") from e
+    builder = SOURCES[dataset](manual_dir=manual, data_dir=str(cache_dir / "tfds"), file_format="array_record",
+                               **options)
     if not builder.is_prepared():
         missing, urls = builder.required_files()
         offline = os.environ.get(OFFLINE_ENV, "") not in ("", "0")
