@@ -242,6 +242,8 @@ def test_bad_inputs_give_one_line_errors_and_keep_prepared_data(tmp_path, good_s
     (tmp_path / "other" / "tiny_shakespeare").mkdir(parents=True)
     (tmp_path / "other" / "tiny_shakespeare" / "input.txt").write_text("not Shakespeare\n")
     cases.append((["--dataset", "tiny_shakespeare", "--manual-dir", str(tmp_path / "other")], "wrong checksum"))
+    # An option the data set does not take.
+    cases.append((["--dataset", "tiny_shakespeare", "--field", "body"], "tiny_shakespeare does not take --field"))
     # Empty corpus.
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "e.txt").write_bytes(b"")

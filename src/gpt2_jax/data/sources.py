@@ -455,7 +455,8 @@ def _catalog(spec: str, *, cache_dir: Path, manual_root: Path | None, feature: s
         raise DataError(f"tfds:{spec}: unsupported option(s) {', '.join(options)}; catalog data sets take --feature")
     name = spec.split("/")[0]
     try:
-        builder = tfds.builder(spec, data_dir=str(cache_dir / "tfds"), file_format="array_record")
+        # A directory of its own: catalog names (tiny_shakespeare) collide with our builders'.
+        builder = tfds.builder(spec, data_dir=str(cache_dir / "tfds_catalog"), file_format="array_record")
     except Exception as e:
         raise DataError(f"tfds:{spec}: not a TFDS catalog data set ({_first_line(e)})") from e
     if not builder.is_prepared():
