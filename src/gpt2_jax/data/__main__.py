@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"{', '.join(BUILTIN)}, or tfds:NAME[/CONFIG] for a TFDS catalog data set (needs the tf extra)")
     p.add_argument("--manual-dir", help=f"directory with one folder of raw files per data set (default ${DATA_DIR_ENV})")
     p.add_argument("--cache-dir", help=f"where TFDS builds and token stores go (default ${CACHE_DIR_ENV} or ~/.cache/gpt2_jax)")
-    p.add_argument("--workers", type=_positive, default=None, help="tokenizer processes (default: number of CPUs)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="tokenizer processes (default: number of CPUs; 1 for under 32 MiB of text)")
     p.add_argument("--docs-per-shard", type=_positive, default=None,
                    help="documents per token shard (default: about 64 MiB of text per shard)")
     p.add_argument("--files", help="text_files: glob of .txt (one document each) and .jsonl (one per line) files")

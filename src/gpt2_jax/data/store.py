@@ -34,6 +34,7 @@ DTYPE = np.dtype("<u2")
 # Shards of about this much text, so that workers balance and a crash loses little work.
 SHARD_TEXT_BYTES = 64 << 20
 _READ_CHUNK = 64
+SMALL_CORPUS_BYTES = 32 << 20
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -141,7 +142,8 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
 
     `dataset` is tiny_shakespeare, openwebtext, webtext, text_files or tfds:NAME[/CONFIG].
     Options: text_files takes files, field, validation_files, validation_fraction; openwebtext
-    takes validation_fraction; tfds:NAME takes feature.
+    takes validation_fraction; tfds:NAME takes feature. `workers` tokenizer processes (default:
+    one per CPU, or this process alone for under 32 MiB of text).
     """
     cache, manual_root = resolve_dirs(cache_dir, manual_dir)
     builder, feature, description = build(dataset, cache_dir=cache, manual_root=manual_root, **options)
@@ -182,7 +184,12 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
                           "tokenizer_hash": tok_hash, "source_id": source_id})
     records = {t["bin"]: _finished(t) for t in tasks}
     todo = [t for t in tasks if records[t["bin"]] is None]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    if workers is None:
+        # Starting worker processes costs seconds: small corpora are tokenized in this process.
+        todo_bytes = sum(int(info.splits[t["split"]].num_bytes) * (t["stop"] - t["start"]) // max(1, splits[t["split"]])
+                         for t in todo)
+        workers = (os.cpu_count() or 1) if todo_bytes > SMALL_CORPUS_BYTES else 1
+    workers = max(1, min(workers, len(todo) or 1))
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"tokenize {store.name}", unit="shard",
                disable=not progress)
     with bar:
