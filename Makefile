@@ -19,6 +19,8 @@ help:
 	@echo "make train     train SIZE=tiny|small|medium|large|xl (experiments/SIZE.py), ARGS=\"key=value ...\""
 	@echo "make eval     evaluate MODEL=dir on TASKS=lambada,wikitext2,... (SPLIT=test|valid, EVAL_ARGS=...)"
 	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside"
+	@echo "make sample   generate text from MODEL=dir (default random tiny weights), PROMPT=..., GEN_ARGS=..."
+	@echo "make finetune fine-tune MODEL=dir on DATA=pairs.jsonl (prompt/completion), ARGS=\"key=value ...\""
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +63,18 @@ SIZE ?= tiny
 ARGS ?=
 train:
 	$(PY) -m gpt2_jax.train $(SIZE) $(ARGS)
+
+# Sample from MODEL (run, checkpoint or HF directory); without MODEL, random tiny weights: a quick
+# check of the whole generation path, not readable text. GEN_ARGS: any `gpt2_jax.generate` flags.
+PROMPT ?= ROMEO:
+GEN_ARGS ?= --max-new-tokens 48 --seed 0
+.PHONY: sample finetune
+sample:
+	$(PY) -m gpt2_jax.generate --model $(or $(MODEL),random:tiny) --prompt "$(PROMPT)" $(GEN_ARGS)
+
+# Fine-tune MODEL on DATA, a jsonl of {"prompt": ..., "completion": ...} lines (other fields with
+# ARGS="prompt_template={question} completion_template=' {answer}'"); see experiments/finetune.py.
+DATA ?=
+finetune:
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "error: make finetune needs MODEL=<run, checkpoint or HF directory> DATA=<pairs.jsonl>" >&2; exit 2; }
+	$(PY) -m gpt2_jax.train finetune init_from=$(MODEL) finetune_data=$(DATA) $(ARGS)

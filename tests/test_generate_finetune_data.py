@@ -28,6 +28,8 @@ def test_read_pairs_and_templates(tmp_path):
     assert finetune.read_pairs(p) == [("2+2=", " 4"), ("3+3=", " 6")]
     q = _jsonl(tmp_path, [{"question": "Who?", "answer": "Me", "extra": 1}], "qa.jsonl")
     assert finetune.read_pairs(q, "Q: {question}\nA:", " {answer}") == [("Q: Who?\nA:", " Me")]
+    # a backslash-n typed on a command line is a newline
+    assert finetune.read_pairs(q, "Q: {question}\\nA:", " {answer}") == [("Q: Who?\nA:", " Me")]
 
 
 @pytest.mark.parametrize(

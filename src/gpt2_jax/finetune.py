@@ -8,7 +8,7 @@ exactly as `gpt2_jax.generate` sees them at sampling time.
 
 Pairs come from a jsonl file, one JSON object per line: {"prompt": ..., "completion": ...} by
 default, or any fields rendered through two templates, e.g. prompt_template="{article}\\nTL;DR:"
-and completion_template=" {summary}".
+and completion_template=" {summary}" (a `\\n` typed in a template is a newline).
 """
 
 from __future__ import annotations
@@ -45,7 +45,13 @@ def _template_fields(template: str, name: str) -> list[str]:
 def read_pairs(
     path: str | Path, prompt_template: str = "{prompt}", completion_template: str = "{completion}"
 ) -> list[tuple[str, str]]:
-    """(prompt, completion) strings from a jsonl file, rendered through the two templates."""
+    """(prompt, completion) strings from a jsonl file, rendered through the two templates.
+
+    `\\n` and `\\t` written in a template (as typed on a command line) become newline and tab.
+    """
+    prompt_template, completion_template = (
+        t.replace("\\n", "\n").replace("\\t", "\t") for t in (prompt_template, completion_template)
+    )
     fields = _template_fields(prompt_template, "prompt_template") + _template_fields(
         completion_template, "completion_template"
     )
