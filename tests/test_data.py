@@ -450,3 +450,12 @@ def test_killed_prepare_then_rerun_equals_clean_run(tmp_path, shared_data):
     assert file_hashes(store) == file_hashes(clean)
     assert {name: (store / name).stat().st_mtime_ns for name in done} == done  # finished shards were kept
     assert len(load_manifest(clean)["splits"]["train"]["shards"]) > 40
+
+
+def test_many_replacements_are_summarized(capsys):
+    from gpt2_jax.data import store as store_mod
+
+    store_mod._warn_replaced({"replaced_bytes": {f"doc{i}.txt": 2 for i in range(8)}})
+    err = capsys.readouterr().err.splitlines()
+    assert err[:5] == [f"warning: doc{i}.txt: 2 invalid UTF-8 bytes replaced with U+FFFD" for i in range(5)]
+    assert err[5:] == ["warning: 16 invalid UTF-8 bytes replaced in 8 documents in all (the manifest lists them)"]

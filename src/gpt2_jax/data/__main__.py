@@ -46,14 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         import absl.logging
 
         absl.logging.set_verbosity(absl.logging.ERROR)  # TFDS logs routine steps as warnings
-        from gpt2_jax.data.store import load_manifest, prepare, report
+        from gpt2_jax.data.store import prepare, report
 
         store = prepare(args.dataset, cache_dir=args.cache_dir, manual_dir=args.manual_dir, workers=args.workers,
                         docs_per_shard=args.docs_per_shard, progress=not args.quiet, **options)
         for line in report(store):
             print(line)
-        for source, n in load_manifest(store)["replaced_bytes"].items():
-            print(f"warning: {source}: {n} invalid UTF-8 bytes replaced with U+FFFD", file=sys.stderr)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import tokenizer
-from gpt2_jax.data.sources import DataError, build, decode_text, resolve_dirs
+from gpt2_jax.data.sources import DataError, build, decode_text, resolve_dirs, warn
 
 FORMAT = "gpt2_jax.tokens.v1"
 MANIFEST = "manifest.json"
@@ -168,6 +168,7 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             manifest = {}  # damaged by hand: rebuilt below
         if manifest.get("source_id") == source_id:
+            _warn_replaced(manifest)
             return store
         # The TFDS data changed under this store: it is rebuilt, and must not look complete meanwhile.
         manifest_path.unlink()
@@ -231,7 +232,18 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
         if stale.with_suffix(".bin").name not in listed:
             stale.unlink()  # shards of an earlier, different build
     _write_json(manifest_path, manifest)
+    _warn_replaced(manifest)
     return store
+
+
+def _warn_replaced(manifest: dict[str, Any], shown: int = 5) -> None:
+    """Report invalid UTF-8 (replaced by U+FFFD) per file: the first few, then a total."""
+    replaced = manifest.get("replaced_bytes", {})
+    for source, n in list(replaced.items())[:shown]:
+        warn(f"{source}: {n} invalid UTF-8 bytes replaced with U+FFFD")
+    if len(replaced) > shown:
+        warn(f"{sum(replaced.values())} invalid UTF-8 bytes replaced in {len(replaced)} documents in all "
+             f"(the manifest lists them)")
 
 
 def report(store: Path) -> list[str]:
