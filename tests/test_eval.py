@@ -249,12 +249,12 @@ def _write_cbt(path: Path, answers: list[str], kind: str) -> None:
 def data_dir(tmp_path_factory, shared_data):
     """Shared corpora plus small test-made files in the original formats of the other data sets."""
     d = tmp_path_factory.mktemp("data")
-    for name in ("lambada", "wikitext2", "ptb"):
+    for name in ("lambada", "wikitext2", "ptb", "tiny_shakespeare"):
         (d / name).symlink_to(shared_data / name)
     wt103 = d / "wikitext103"
     wt103.mkdir()
-    (wt103 / "wiki.valid.tokens").write_text("".join(_lines(shared_data / "wikitext2" / "wiki.valid.tokens")[:1])
-                                             + "\n" + "\n".join(_lines(shared_data / "wikitext2" / "wiki.valid.tokens")[100:112]) + "\n")
+    wt2 = _lines(shared_data / "wikitext2" / "wiki.valid.tokens")
+    (wt103 / "wiki.valid.tokens").write_text("\n".join(wt2[:3] + wt2[100:112]) + "\n")  # same format
     (d / "webtext").mkdir()
     docs = [{"id": i, "ended": True, "length": 10, "text": t} for i, t in enumerate(
         ["Hello world. This is a WebText document.", "Ünïcödé text – with “quotes” and 東京.", "x" * 700])]
@@ -389,3 +389,30 @@ def test_webtext_on_a_prepared_data_set(hf_dir, shared_data, tmp_path, capsys):
     assert res["counts"]["tokens"] == len(targets) == 2 * 8 * N_CTX // 2 + N_CTX // 2
     assert res["counts"]["bytes"] == len(get_tokenizer().decode_bytes(targets.tolist()))
     assert math.isfinite(res["metrics"]["ppl_byte"]) and len(SplitTokens(store, "validation")) > len(targets)
+
+
+@pytest.mark.slow
+def test_make_train_then_make_eval_every_task(data_dir, tmp_path):
+    """A model trained by `make train` (tiny, shrunk to a few steps) evaluated by `make eval` on
+    every task that has local data (lm1b needs TensorFlow and the TFDS download)."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GPT2_JAX_CACHE_DIR": str(tmp_path / "cache"), "GPT2_JAX_DATA_DIR": str(data_dir)}
+    run = tmp_path / "run"
+    train_args = f"steps=2 batch_size=4 eval_every=0 eval_batches=1 sample_tokens=4 warmup_steps=1 n_layer=2 n_embd=64 n_head=4 run_dir={run}"
+    proc = subprocess.run(["make", "-s", "train", "SIZE=tiny", f"ARGS={train_args}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "eval.json"
+    all_tasks = "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8"
+    proc = subprocess.run(["make", "-s", "eval", f"MODEL={run}", f"TASKS={all_tasks}", "SPLIT=valid",
+                           f"EVAL_ARGS=--limit 4 --compare paper --output {out}"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["model"]["kind"] == "gpt2_jax" and report["model"]["config"]["n_embd"] == 64
+    assert list(report["tasks"]) == all_tasks.split(",")
+    for task, result in report["tasks"].items():
+        assert all(v is not None and math.isfinite(v) for v in result["metrics"].values()), task
+        assert f"{task} " in proc.stdout

@@ -261,9 +261,10 @@ def _first_lines(text: str, limit: int | None) -> str:
 
 def _eval_corpus(task: str, detokenize, scorer: Scorer, opts: Options) -> dict[str, Any]:
     path = data_file(task, opts.split).resolve(opts.data_dir, task)
-    original = _first_lines(_read_text(path, task), opts.limit)
+    original = _read_text(path, task)
     if not original.strip():
         raise EvalError(f"{task}: {path} is empty")
+    original = _first_lines(original, opts.limit)
     out = score_corpus(scorer, original, detokenize, stride=opts.stride_for(scorer), desc=task)
     out["data"] = {"file": str(path)}
     return out
