@@ -293,6 +293,8 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
                                       "bytes": sum(len(x.encode()) for x in ["Hello world. This is a WebText document.",
                                                                           "Ünïcödé text – with “quotes” and 東京.", "x" * 700])}
     assert t["cbt-cn"]["counts"] == {"questions": 3, "candidates": 30}
+    assert t["lambada"]["data"]["matches_release"] is True and t["wikitext2"]["data"]["matches_release"] is True
+    assert t["wikitext103"]["data"]["matches_release"] is None  # no published hash on record
     assert t["lambada"]["counts"]["passages"] == 12
     assert t["enwik8"]["counts"]["bytes"] == 12 and t["text8"]["counts"]["characters"] == 12
     # Word counts used for normalization are those of the original (limited) split.
@@ -307,9 +309,11 @@ def test_full_bytes_split_and_paper_column(scorer, data_dir):
     res = tasks.eval_text8(scorer, Options(data_dir, split="test"))
     assert res["counts"]["characters"] == len((data_dir / "text8" / "text8").read_bytes()) - len((data_dir / "text8" / "text8").read_bytes()) * 95 // 100
     report = {"model": {"paper_size": "117M"}, "protocol": {"limit": None},
-              "tasks": {"text8": {"metrics": {"bits_per_char": 1.5}, "paper": {"bits_per_char": 1.17}}}}
+              "tasks": {"text8": {"metrics": {"bits_per_char": 1.5}, "paper": {"bits_per_char": 1.17},
+                                  "data": {"matches_release": False}}}}
     table = cli.render_table(report, compare_paper=True)
     assert "paper (117M)" in table and "1.1700" in table and "1.5000" in table
+    assert "(data files that differ from the released ones: text8)" in table
 
 
 def test_paper_size_matches_released_shapes():

@@ -19,7 +19,7 @@ import numpy as np
 from gpt2_jax.config import PRESETS, ConfigError, ModelConfig
 from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.eval.tasks import (
-    DATA_DIR_ENV, PAPER_SOURCE, PAPER_TABLE_3, PROTOCOLS, SPLITS, TASKS, EvalError, Options, _sha256,
+    DATA_DIR_ENV, KNOWN_SHA256, PAPER_SOURCE, PAPER_TABLE_3, PROTOCOLS, SPLITS, TASKS, EvalError, Options, _sha256,
 )
 
 PAPER_NAMES = {"small": "117M", "medium": "345M", "large": "762M", "xl": "1542M"}
@@ -115,7 +115,10 @@ def evaluate(
         seconds = time.perf_counter() - t0
         result.pop("correct", None)
         if "file" in result.get("data", {}):
-            result["data"]["sha256"] = _sha256(Path(result["data"]["file"]))
+            path = Path(result["data"]["file"])
+            result["data"]["sha256"] = digest = _sha256(path)
+            known = KNOWN_SHA256.get(f"{path.parent.name}/{path.name}")
+            result["data"]["matches_release"] = None if known is None else digest == known
         result["protocol"] = PROTOCOLS[task]
         result["paper"] = {
             metric: values[size] for (t, metric), values in PAPER_TABLE_3.items() if t == task and size
@@ -153,6 +156,9 @@ def render_table(report: dict[str, Any], *, compare_paper: bool = False, markdow
     notes = []
     if report["protocol"]["limit"] is not None:
         notes.append(f"limited to the first {report['protocol']['limit']} documents/examples/lines/bytes per task")
+    altered = [t for t, r in report["tasks"].items() if r.get("data", {}).get("matches_release") is False]
+    if altered:
+        notes.append(f"data files that differ from the released ones: {', '.join(altered)}")
     if compare_paper:
         notes.append(f"paper: {PAPER_SOURCE}; acc in %")
     return "\n".join(lines + [f"({n})" for n in notes])
