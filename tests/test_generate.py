@@ -341,3 +341,21 @@ def test_task_cli_qa_writes_predictions(text_model, tmp_path, capsys):
     preds = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["question"] for p in preds] == [r["question"] for r in rows[2:]]
     assert all("prediction" in p for p in preds)
+
+
+def test_run_task_summarize_and_translate_report_their_metrics(text_model, tmp_path):
+    from gpt2_jax import prompts
+
+    cfg, params, _ = text_model
+    gen = Generator(cfg, params)
+    summ = [{"article": "The cat sat on the mat. It was warm.", "summary": "A cat sat."}] * 2
+    # greedy, 6 tokens, 2 rows: the program the qa CLI test compiled is reused
+    greedy = SamplingConfig(max_new_tokens=6, greedy=True)
+    report = prompts.run_task(gen, "summarize", summ, greedy, output=tmp_path / "s.jsonl")
+    assert set(report["metrics"]) == {"rouge1", "rouge2", "rougeL"} and report["records"] == 2
+    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+    trans = [{"source": f"word {i}", "target": f"mot {i}"} for i in range(3)]
+    report = prompts.run_task(gen, "translate", trans, greedy, shots=1)  # prompts stay in the 16 bucket
+    assert set(report["metrics"]) == {"bleu"} and report["records"] == 2
+    with pytest.raises(prompts.TaskError, match="no records to score"):
+        prompts.run_task(gen, "translate", trans, greedy, shots=3)

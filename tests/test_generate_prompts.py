@@ -6,6 +6,12 @@ from gpt2_jax import prompts
 from gpt2_jax.prompts import TaskError
 
 
+def test_paper_decoding_settings():
+    # section 3.6: "Top-k random sampling with k = 2", 100 tokens; 3.7/3.8: greedy decoding
+    assert prompts.TASKS["summarize"].sampling == dict(max_new_tokens=100, top_k=2, greedy=False)
+    assert prompts.TASKS["translate"].sampling["greedy"] and prompts.TASKS["qa"].sampling["greedy"]
+
+
 def test_summarize_format_and_first_three_sentences():
     assert prompts.summarize_prompt("  An article.\n") == "An article.\nTL;DR:"
     gen = " The cat sat. It was happy!\nThen it left? Nobody knew. More text"

@@ -442,13 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="with --task: score at most this many records")
     p.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
     p.add_argument("--batch-size", type=int, default=8, help="with --task: records generated per batch")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per sample (default 100)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per sample (default 100; with --task, the task's: "
+                        "summarize 100, translate 64, qa 32)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="always take the most likely token (--no-greedy samples; default: sample, except for the "
                         "translate and qa tasks)")
     p.add_argument("--temperature", type=float, default=None, help="divide logits by this before sampling (default 1)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely tokens; 0 = all (default 40, as the paper's samples)")
+                   help="sample among the k most likely tokens; 0 = all (default 40, as the paper's samples; "
+                        "--task summarize: 2, as the paper's summaries)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
     p.add_argument("--truncate", choices=("error", "left"), default="error",
