@@ -164,6 +164,17 @@ def test_only_allowed_tokens_are_sampled(kw, allowed):
     assert seen == allowed  # nothing outside the set, and (2560 draws) every member of it
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_nucleus_set_equals_the_sorted_definition(top_p):
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (6, 1009))
+    kept = np.isfinite(np.asarray(jax.jit(lambda x: generate.filter_logits(x, 0, top_p)[0])(logits)))
+    probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    for row, keep in zip(probs, kept):
+        order = np.argsort(-row)
+        before = np.cumsum(row[order]) - row[order]  # mass of the more likely tokens
+        np.testing.assert_array_equal(np.sort(np.nonzero(keep)[0]), np.sort(order[before < top_p]))
+
+
 def test_top_k_frequencies_follow_renormalized_probabilities():
     tokens, _ = _fake_loop(SamplingConfig(max_new_tokens=50, top_k=3, eot_id=None), seed=1, B=128)
     freq = np.bincount(_offsets(tokens).ravel(), minlength=V)[:3] / tokens.size
