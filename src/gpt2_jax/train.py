@@ -580,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2_jax.train",
         description="Train GPT-2 on a device mesh. Example: python -m gpt2_jax.train small steps=1000 mesh=1,-1,1",
+        epilog="TrainConfig keys (default): "
+        + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(TrainConfig))
+        + ". Model shape keys: any ModelConfig field except dtype and the dropouts (python -m gpt2_jax.config SIZE lists them).",
     )
     parser.add_argument(
         "experiment", nargs="?", default="tiny",
