@@ -6,6 +6,9 @@ params, opt_state, rng): the checkpoint module works on any flax struct dataclas
 
 import functools
 import json
+import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +238,38 @@ def test_read_only_run_dir_reports_failure_and_keeps_checkpoints(tmp_path, capfd
         _make_writable(tmp_path / "checkpoints", immutable)
     r = C.Checkpointer(tmp_path).restore_latest(C.abstract_like(states[2]))
     assert_trees_equal(r.state, states[2])
+
+
+def test_failed_async_write_is_reported_and_keeps_earlier_checkpoints(tmp_path, capfd):
+    """A write that fails in the background (here: files capped at 1 MiB, as on a full disk)."""
+    states = save_steps(tmp_path, [1])
+    big = states[1].replace(params={**states[1].params, "wte": jax.random.normal(jax.random.key(0), (1000, 600))})
+    ck = C.Checkpointer(tmp_path)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, old_limit[1]))
+    try:
+        started = ck.save(2, big)
+        finished = ck.wait()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert started and not finished
+    err = capfd.readouterr().err
+    assert "checkpoint for step 2 was NOT saved" in err and "File too large" in err
+    assert "earlier checkpoints are intact: steps [1]" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    assert_trees_equal(C.Checkpointer(tmp_path).restore_latest(C.abstract_like(states[1])).state, states[1])
+
+
+def test_preemption_guard_turns_signals_into_a_stop_request():
+    with C.PreemptionGuard() as guard:
+        assert not guard.stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.stop(2) and guard.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_non_finite_state_is_not_saved(tmp_path, capfd):

@@ -116,7 +116,11 @@ def _restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None
 
 
 def _short(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    """One line of an exception's message; long TensorStore messages keep their tail (the OS error)."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -446,6 +450,8 @@ class Checkpointer:
             self._mgr.wait_until_finished()
         except Exception as e:  # the async write raised: disk full, I/O error, ...
             self._report_failure(step, f"{type(e).__name__}: {_short(e)}")
+            if jax.process_index() == 0:  # free the space the partial write took
+                shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
             return False
         if not (self.directory / str(step)).is_dir():
             self._report_failure(step, "the save did not complete")
