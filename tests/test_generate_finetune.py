@@ -69,12 +69,14 @@ def finetuned():
     return cfg, state.params, examples, losses
 
 
+@pytest.mark.slow
 def test_completion_only_loss_falls(finetuned):
     _, _, _, losses = finetuned
     assert np.isfinite(losses).all()
     assert losses[0] > 5.0 and np.mean(losses[-5:]) < 0.05 * losses[0]
 
 
+@pytest.mark.slow
 def test_finetuned_greedy_completions_match_training(finetuned):
     cfg, params, examples, _ = finetuned
     gen = Generator(cfg, params)
