@@ -99,8 +99,8 @@ def test_finetune_through_the_train_entry_point(tmp_path, capsys):
     run_dir = tmp_path / "run"
     rc = train.main([
         "tiny", f"init_from={ckpt}", f"finetune_data={data}", "prompt_template={q}", "completion_template={a}",
-        "seq_len=0", "batch_size=8", "steps=30", "lr=5e-3", "warmup_steps=2", "weight_decay=0", "eval_every=15",
-        "log_every=10", "sample_tokens=4", f"run_dir={run_dir}",
+        "seq_len=0", "batch_size=8", "steps=40", "lr=5e-3", "warmup_steps=2", "weight_decay=0", "eval_every=20",
+        "log_every=1", "sample_tokens=4", f"run_dir={run_dir}",
     ])
     assert rc == 0, capsys.readouterr().err
     saved = json.loads((run_dir / "config.json").read_text())
