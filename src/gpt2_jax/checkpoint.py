@@ -478,7 +478,8 @@ class Checkpointer:
         self.wait()
         if step in self.steps():
             return False
-        if not bool(_all_finite(state.params)):
+        finite = _all_finite(state.params)  # replicated; on multi-host runs read the local copy
+        if not bool(np.asarray(finite.addressable_data(0))):
             self._report_failure(step, "the parameters contain NaN or Inf")
             return False
         items = _state_items(state)
