@@ -509,10 +509,11 @@ class Checkpointer:
         return True
 
     def _prune(self) -> None:
-        """Delete complete checkpoints that are neither among the latest K nor the best M."""
-        if jax.process_index() != 0:
-            return
-        infos = [_Info(s, self.metrics(s), datetime.datetime.now()) for s in self.steps()]
+        """Delete complete checkpoints that are neither among the latest K nor the best M.
+
+        Runs on every process (Orbax's delete has a barrier); metrics are read as plain files,
+        without Orbax's barriers, so every process takes the same decision."""
+        infos = [_Info(s, _metrics_file(self.directory / str(s)), datetime.datetime.now()) for s in self.steps()]
         policy = ocm.AnyPreservationPolicy([
             ocm.LatestN(n=max(self.options.keep, 1)),
             ocm.BestN(get_metric_fn=_best_value, reverse=True, n=self.options.keep_best,
@@ -575,6 +576,14 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _metrics_file(step_dir: Path) -> dict | None:
+    try:
+        metrics = json.loads((step_dir / "metrics" / _json_filename("metrics")).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def _best_value(metrics: dict | None) -> float:
