@@ -265,6 +265,10 @@ def data_dir(tmp_path_factory, shared_data):
     (d / "enwik8").mkdir()
     with zipfile.ZipFile(d / "enwik8" / "enwik8.zip", "w") as z:
         z.writestr("enwik8", xml)
+    (d / "lm1b").mkdir()  # the benchmark's tokenized, shuffled held-out sentences
+    (d / "lm1b" / "news.en.heldout-00000-of-00050").write_text(
+        "The company said it expects the deal to close in the third quarter .\n"
+        "\" We are very pleased , \" he said .\nShares fell 3 % to $ 12.50 in early trading .\n")
     (d / "text8").mkdir()
     (d / "text8" / "text8").write_text(" anarchism originated as a term of abuse first used against early working class radicals" * 60)
     return d
@@ -273,7 +277,7 @@ def data_dir(tmp_path_factory, shared_data):
 def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     ckpt = checkpoint.save_params(tmp_path / "ckpt", *convert.load_hf(hf_dir))  # the gpt2_jax checkpoint path
     out = tmp_path / "report.json"
-    rc = cli.main(["--model", str(ckpt), "--task", "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8",
+    rc = cli.main(["--model", str(ckpt), "--task", "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b",
                    "--data-dir", str(data_dir), "--split", "valid", "--limit", "12", "--compare", "paper",
                    "--markdown", "--output", str(out)])
     captured = capsys.readouterr()
@@ -284,7 +288,8 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     assert report["model"]["params_sha256"] == cli.params_sha256(convert.load_hf(hf_dir)[1])
     t = report["tasks"]
     expected = {"webtext": "ppl_byte", "wikitext2": "ppl_word", "wikitext103": "ppl_word", "ptb": "ppl_word",
-                "lambada": "acc", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char"}
+                "lambada": "acc", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char",
+                "lm1b": "ppl_word"}
     for task, metric in expected.items():
         assert math.isfinite(t[task]["metrics"][metric]), task
         assert t[task]["protocol"] and len(t[task]["data"]["sha256"]) == 64
@@ -293,6 +298,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
                                       "bytes": sum(len(x.encode()) for x in ["Hello world. This is a WebText document.",
                                                                           "Ünïcödé text – with “quotes” and 東京.", "x" * 700])}
     assert t["cbt-cn"]["counts"] == {"questions": 3, "candidates": 30}
+    assert t["lm1b"]["counts"]["sentences"] == 3 and t["lm1b"]["counts"]["words"] == 14 + 10 + 11 + 3  # words plus one </S> each
     assert t["lambada"]["data"]["matches_release"] is True and t["wikitext2"]["data"]["matches_release"] is True
     assert t["wikitext103"]["data"]["matches_release"] is None  # no published hash on record
     assert t["lambada"]["counts"]["passages"] == 12
@@ -369,6 +375,7 @@ def test_jsonl_line_without_text(hf_dir, tmp_path, capsys):
 def test_lm1b_without_tensorflow(hf_dir, tmp_path, capsys):
     rc, err = _run_main(["--model", str(hf_dir), "--task", "lm1b", "--data-dir", str(tmp_path)], capsys)
     assert rc == 1 and err.count("\n") == 1 and "pip install 'gpt2_jax[tf]'" in err
+    assert "news.en.heldout-00000-of-00050" in err
 
 
 def test_cli_subprocess_one_line_error(tmp_path):
@@ -398,7 +405,7 @@ def test_webtext_on_a_prepared_data_set(hf_dir, shared_data, tmp_path, capsys):
 @pytest.mark.slow
 def test_make_train_then_make_eval_every_task(data_dir, tmp_path):
     """A model trained by `make train` (tiny, shrunk to a few steps) evaluated by `make eval` on
-    every task that has local data (lm1b needs TensorFlow and the TFDS download)."""
+    every task, from shared data and test-made files in the original formats."""
     import os
 
     root = Path(__file__).resolve().parents[1]
@@ -409,7 +416,7 @@ def test_make_train_then_make_eval_every_task(data_dir, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "eval.json"
-    all_tasks = "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8"
+    all_tasks = "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b"
     proc = subprocess.run(["make", "-s", "eval", f"MODEL={run}", f"TASKS={all_tasks}", "SPLIT=valid",
                            f"EVAL_ARGS=--limit 4 --compare paper --output {out}"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -187,12 +187,10 @@ def _data_layout() -> str:
 
     lines = ["data files under --data-dir (test split shown):"]
     for task in TASKS:
-        if task == "lm1b":
-            lines.append(f"  {task:<12} the TFDS catalog's lm1b (needs TensorFlow: pip install 'gpt2_jax[tf]')")
-            continue
         f = data_file(task, "test")
         lines.append(f"  {task:<12} {f.relpath:<36} from {f.url}")
-    lines.append("  (valid split: the same names with valid / valid_2000ex; enwik8/text8 split one file 90/5/5)")
+    lines.append("  (valid split: the same names with valid / valid_2000ex; enwik8/text8 split one file 90/5/5;")
+    lines.append("   lm1b: without that file, the TFDS catalog's lm1b, which needs TensorFlow: pip install 'gpt2_jax[tf]')")
     return "\n".join(lines)
 
 

@@ -88,6 +88,8 @@ def data_file(task: str, split: str) -> DataFile:
         kind = task[-2:].upper()
         name = f"cbtest_{kind}_{_CBT_FILES[split]}.txt"
         return DataFile(f"cbt/{name}", _CBT, f"extract CBTest/data/{name}")
+    if task == "lm1b":
+        return DataFile(f"lm1b/{_LM1B_TEST}", _LM1B, f"extract heldout-monolingual.tokenized.shuffled/{_LM1B_TEST}")
     if task in ("enwik8", "text8"):
         return DataFile(f"{task}/{task}", f"http://mattmahoney.net/dc/{task}.zip", f"unzip {task}")
     raise KeyError(task)
@@ -496,7 +498,9 @@ def eval_text8(scorer: Scorer, opts: Options) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 LM1B_PROTOCOL = (
-    'One Billion Word (lm1b). Protocol: the test split from the TFDS catalog; its sentences are '
+    'One Billion Word (lm1b). Protocol: the benchmark\'s test set, the held-out shard '
+    'news.en.heldout-00000-of-00050 read from the data directory in its original format (one '
+    'tokenized sentence per line), else the test split of the TFDS catalog; its sentences are '
     'shuffled, so each is an independent document: <|endoftext|> + detokenized sentence + "\\n", the'
     ' newline standing for the </S> word. Per-word perplexity divides the total NLL by the '
     "sentence's words plus one </S> each."
@@ -517,11 +521,27 @@ def score_sentences(scorer: Scorer, sentences: Iterable[str], *, stride: int, de
     }
 
 
+_LM1B = "https://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-benchmark-r13output.tar.gz"
+_LM1B_TEST = "news.en.heldout-00000-of-00050"  # the benchmark's test set (Chelba et al. 2013)
+
+
 def eval_lm1b(scorer: Scorer, opts: Options) -> dict[str, Any]:
+    local = opts.data_dir / "lm1b" / _LM1B_TEST
+    if local.is_file():
+        path = data_file("lm1b", "test").resolve(opts.data_dir, "lm1b")
+        sentences = [s for s in _read_text(path, "lm1b").split("\n") if s.strip()][: opts.limit]
+        if not sentences:
+            raise EvalError(f"lm1b: {path} holds no sentences")
+        out = score_sentences(scorer, sentences, stride=opts.stride_for(scorer), desc="lm1b")
+        out["data"] = {"file": str(path)}
+        return out
     try:
         import tensorflow  # noqa: F401  (TFDS needs it to build and read lm1b)
     except ImportError as e:
-        raise EvalError("lm1b is read through the TFDS catalog, which needs TensorFlow: pip install 'gpt2_jax[tf]'") from e
+        raise EvalError(
+            f"lm1b: put {_LM1B_TEST} (from {_LM1B}, heldout-monolingual.tokenized.shuffled/) at {local}, "
+            "or read it through the TFDS catalog, which needs TensorFlow: pip install 'gpt2_jax[tf]'"
+        ) from e
     import tensorflow_datasets as tfds
 
     split = "test"  # lm1b has no validation split; the paper reports test perplexity
