@@ -122,3 +122,19 @@ def test_make_train_reaches_val_loss_6(tmp_path, shared_data):
     assert "sample:\nROMEO:" in proc.stdout
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(losses) >= 5 and losses[-1] < losses[0]
+
+    # The rest of the README's quick start on the same run: a table, text and a PNG.
+    run = str(tmp_path / "run")
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        ["make", "-s", "eval", f"MODEL={run}", "SPLIT=valid", f"EVAL_ARGS=--limit 40 --output {out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"lambada", "wikitext2", "ptb"} <= set(json.loads(out.read_text())["tasks"])
+    assert "lambada" in proc.stdout and "wikitext2" in proc.stdout
+    proc = subprocess.run(["make", "-s", "sample", f"MODEL={run}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and len(proc.stdout.strip()) > 20, proc.stderr[-2000:]  # the continuation
+    proc = subprocess.run([sys.executable, "-m", "gpt2_jax.plot", run], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
