@@ -350,7 +350,7 @@ def eval_lambada(scorer: Scorer, opts: Options) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 CBT_PROTOCOL = (
     "Children's Book Test (CN: common nouns, NE: named entities). Protocol (paper 3.2): for each of"
-    " the 10 candidates, fill the query's XXXXX with it and compute the log-probability of the "
+    " the 10 candidates, fill the query's blank with it and compute the log-probability of the "
     'whole completed query sentence given the 20 context sentences; predict the candidate with the '
     'highest total. Text is detokenized (PTB quotes, punctuation) and starts with <|endoftext|>; if'
     ' it does not fit the context, the oldest context tokens are dropped.'
@@ -363,6 +363,10 @@ class CBTQuestion:
     query: str
     answer: str
     candidates: list[str]
+
+
+# The Children's Book Test marks the word to fill in its 21st sentence with this literal string.
+CBT_BLANK = "XXXXX"
 
 
 def parse_cbt(text: str, source: str = "cbt") -> list[CBTQuestion]:
@@ -382,8 +386,8 @@ def parse_cbt(text: str, source: str = "cbt") -> list[CBTQuestion]:
             raise EvalError(f"{source}:{lineno}: query line needs query, answer, (empty), candidates")
         query, answer, _, cands = fields
         candidates = [c for c in cands.split("|") if c]
-        if "XXXXX" not in query or answer not in candidates or not context:
-            raise EvalError(f"{source}:{lineno}: malformed CBT question (no XXXXX, answer not a candidate, or no story)")
+        if CBT_BLANK not in query or answer not in candidates or not context:
+            raise EvalError(f"{source}:{lineno}: malformed CBT question (no {CBT_BLANK}, answer not a candidate, or no story)")
         out.append(CBTQuestion(context, query, answer, candidates))
         context = []
     return out
@@ -394,7 +398,7 @@ def score_cbt(scorer: Scorer, questions: list[CBTQuestion], *, desc: str) -> dic
     for q in questions:
         ctx = [EOT_ID, *_encode(moses_detokenize(" ".join(q.context)))]
         for c in q.candidates:
-            sentence = _encode(" " + moses_detokenize(q.query.replace("XXXXX", c)))
+            sentence = _encode(" " + moses_detokenize(q.query.replace(CBT_BLANK, c)))
             if len(sentence) > scorer.n_ctx:
                 raise EvalError(f"{desc}: a query sentence of {len(sentence)} tokens does not fit n_ctx={scorer.n_ctx}")
             seq = ctx + sentence
