@@ -2,7 +2,8 @@
 
 Run as a script, this file is the worker: `python tests/test_checkpoint_multiprocess.py PROCESS_ID
 NUM_PROCESSES PORT RUN_DIR` builds the sharded state of a small model on a (data=2, fsdp=2) mesh and
-saves it (asynchronously, through gpt2_jax.checkpoint) as step 3 of RUN_DIR.
+saves it (asynchronously, through gpt2_jax.checkpoint) as step 3 of RUN_DIR, each process with its
+own data iterator state, then restores it.
 """
 
 import os
@@ -33,8 +34,12 @@ def worker(process_id: int, num_processes: int, port: int, run_dir: str) -> None
     assert sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)
     state, _ = _state(sharding.make_mesh((2, 2, 1)))
     with checkpoint.Checkpointer(run_dir) as ck:
-        assert ck.save(3, state.replace(step=state.step + 3), data_state={"step": 3})
+        assert ck.save(3, state.replace(step=state.step + 3), data_state={"step": 3, "process": process_id})
     print("saved", flush=True)
+    # Every process gets back its own data iterator state.
+    r = checkpoint.Checkpointer(run_dir, read_only=True).restore_latest(checkpoint.abstract_like(state))
+    assert r.data_state == {"step": 3, "process": process_id}, r.data_states
+    print("restored", flush=True)
 
 
 def _free_port() -> int:
@@ -61,11 +66,14 @@ def test_saved_by_two_processes_restores_in_one(tmp_path):
     ]
     for p in procs:
         out, err = p.communicate(timeout=600)
-        assert p.returncode == 0 and "saved" in out, err[-3000:]
+        assert p.returncode == 0 and "saved" in out and "restored" in out, err[-3000:]
     mesh = sharding.make_mesh((1, 4, 1), devices=jax.devices()[:4])
     want, _ = _state(mesh)
     r = checkpoint.Checkpointer(tmp_path, read_only=True).restore_latest(checkpoint.abstract_like(want))
-    assert r.step == 3 and int(r.state.step) == 3 and r.data_state == {"step": 3}
+    assert r.step == 3 and int(r.state.step) == 3
+    assert r.data_states == [{"step": 3, "process": 0}, {"step": 3, "process": 1}]
+    with pytest.raises(checkpoint.CheckpointError, match="saved by 2 process"):
+        r.data_state  # one process cannot continue two processes' data streams
     for a, b in zip(jax.tree.leaves(r.state.params), jax.tree.leaves(want.params)):
         assert a.sharding == b.sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

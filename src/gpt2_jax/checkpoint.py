@@ -6,7 +6,7 @@ with the `args.Composite` API. Each step directory holds these items:
   params/     the model parameters (Orbax PyTree, sharded arrays)
   opt_state/  the optimizer state
   train/      the other train-state fields: `step`, `rng`
-  data/       the data iterator state (JSON, from `TrainLoader.get_state()`)
+  data/       every process's data iterator state (JSON, from `TrainLoader.get_state()`)
   config/     the resolved run config (JSON)
   structure/  shape, dtype and mesh partitioning of every leaf (JSON; read without touching arrays)
   metrics/    the metrics at that step (JSON, written by Orbax)
@@ -143,6 +143,32 @@ def complete_steps(checkpoints_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _is_params_only(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def _params_only_config(path: Path) -> ModelConfig:
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({e})") from e
+    return _model_config_from(raw, path / CONFIG_FILE)
+
+
+def _run_steps(path: Path, ckpt_dir: Path) -> list[int]:
+    steps = complete_steps(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"{path} is a run directory without any complete checkpoint")
+    return steps
+
+
+def _not_a_checkpoint(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a gpt2_jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/, "
+        f"a run directory with {CHECKPOINTS_DIR}/, or a step directory of one)"
+    )
+
+
 def load_params(
     path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
 ) -> tuple[ModelConfig, Any]:
@@ -152,32 +178,21 @@ def load_params(
     Arrays are placed on `sharding` (default: the first local device), whatever mesh saved them.
     """
     path = Path(path).absolute()
-    if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
-        try:
-            raw = json.loads((path / CONFIG_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({e})") from e
-        config = _model_config_from(raw, path / CONFIG_FILE)
-        return config, _restore_params_dir(path / PARAMS_DIR, sharding)
+    if _is_params_only(path):
+        return _params_only_config(path), _restore_params_dir(path / PARAMS_DIR, sharding)
     if _is_step_dir(path):
         return config_of_step(path), _restore_params_dir(path / PARAMS_DIR, sharding)
     ckpt_dir = _checkpoints_dir_of(path)
-    if ckpt_dir is not None:
-        steps = complete_steps(ckpt_dir)
-        if not steps:
-            raise CheckpointError(f"{path} is a run directory without any complete checkpoint")
-        errors = []
-        for step in reversed(steps):
-            try:
-                return load_params(ckpt_dir / str(step), sharding=sharding)
-            except CheckpointError as e:
-                _warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({e}); trying the previous one")
-                errors.append(str(e))
-        raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
-    raise CheckpointError(
-        f"{path} is not a gpt2_jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/, "
-        f"a run directory with {CHECKPOINTS_DIR}/, or a step directory of one)"
-    )
+    if ckpt_dir is None:
+        raise _not_a_checkpoint(path)
+    errors = []
+    for step in reversed(_run_steps(path, ckpt_dir)):
+        try:
+            return load_params(ckpt_dir / str(step), sharding=sharding)
+        except CheckpointError as e:
+            _warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({e}); trying the previous one")
+            errors.append(str(e))
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
 
 
 def config_of_step(step_dir: Path) -> ModelConfig:
@@ -202,25 +217,51 @@ def _json_filename(name: str) -> str:
     return "metrics" if name == "metrics" else "metadata"
 
 
+def _is_hf_dir(path: Path) -> bool:
+    """An HF GPT-2 directory: a `config.json` with "n_embd", and no params/ or checkpoints/ beside it."""
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file() or (path / PARAMS_DIR).exists() or (path / CHECKPOINTS_DIR).is_dir():
+        return False
+    try:
+        return "n_embd" in json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
 def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, Any]:
     """Load `(config, params)` from anything a user may pass as `--model`: an HF GPT-2 directory
     (`config.json` with "n_embd", weights in safetensors/PyTorch format), a params-only checkpoint,
     a training run directory or a step directory of one."""
     path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if cfg_file.is_file() and not (path / PARAMS_DIR).exists():
-        try:
-            is_hf = "n_embd" in json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-            is_hf = False
-        if is_hf and not (path / CHECKPOINTS_DIR).is_dir():
-            from gpt2_jax.convert import ConversionError, load_hf
+    if _is_hf_dir(path):
+        from gpt2_jax.convert import ConversionError, load_hf
 
-            try:
-                return load_hf(path)
-            except ConversionError as e:
-                raise CheckpointError(str(e)) from e
+        try:
+            return load_hf(path)
+        except ConversionError as e:
+            raise CheckpointError(str(e)) from e
     return load_params(path, **kwargs)
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of anything `load_model` accepts, without reading any weights (for a run
+    directory: the config of its newest checkpoint)."""
+    path = Path(path).absolute()
+    if _is_hf_dir(path):
+        from gpt2_jax.convert import ConversionError, config_from_hf
+
+        try:
+            return config_from_hf(json.loads((path / CONFIG_FILE).read_text()))
+        except (ConversionError, KeyError) as e:
+            raise CheckpointError(f"{path / CONFIG_FILE}: not a GPT-2 config ({_short(e)})") from e
+    if _is_params_only(path):
+        return _params_only_config(path)
+    if _is_step_dir(path):
+        return config_of_step(path)
+    ckpt_dir = _checkpoints_dir_of(path)
+    if ckpt_dir is None:
+        raise _not_a_checkpoint(path)
+    return config_of_step(ckpt_dir / str(_run_steps(path, ckpt_dir)[-1]))
 
 
 def params_for(path: str | os.PathLike, config: ModelConfig) -> Any:
@@ -266,6 +307,9 @@ class CheckpointOptions:
     keep: int = 3  # keep the latest K complete checkpoints ...
     keep_best: int = 1  # ... and the best M by validation loss
     async_save: bool = True
+    # zstd on the array chunks: float weights and moments shrink only ~7%, while compressing doubles
+    # the CPU time of a save, time that the host takes away from training on a CPU machine.
+    compress: bool = False
 
 
 class Restored(NamedTuple):
@@ -273,9 +317,37 @@ class Restored(NamedTuple):
 
     step: int
     state: Any
-    data_state: dict | None
+    data_states: list[dict] | None  # the data iterator state of each process that saved, in order
     config: dict | None
     metrics: dict | None
+
+    @property
+    def data_state(self) -> dict | None:
+        """This process's data iterator state (None if none was saved). A run saved by another
+        number of processes read its data in another order, so its position cannot carry over."""
+        if not self.data_states:
+            return None
+        n = jax.process_count()
+        if len(self.data_states) != n:
+            raise CheckpointError(
+                f"checkpoint step {self.step} was saved by {len(self.data_states)} process(es) and this run "
+                f"has {n}: each process reads its own share of the data, so the iterator positions do not carry over"
+            )
+        return self.data_states[jax.process_index()]
+
+
+def _gather_json(obj: Any) -> list[Any]:
+    """`obj` of every process, in process order (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([mine.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: mine.size] = mine
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes)]
 
 
 def _state_items(state: Any) -> dict[str, Any]:
@@ -386,7 +458,10 @@ class Checkpointer:
                 create=False,
                 read_only=read_only,
             ),
-            item_names=ITEM_NAMES,
+            item_handlers={
+                **{k: ocp.PyTreeCheckpointHandler(use_compression=options.compress) for k in ARRAY_ITEMS},
+                **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS},
+            },
         )
 
     # -- housekeeping ------------------------------------------------------------------------
@@ -468,7 +543,8 @@ class Checkpointer:
         config: dict | None = None,
         metrics: dict | None = None,
     ) -> bool:
-        """Start an asynchronous save of `state` at `step`; True if it started.
+        """Start an asynchronous save of `state` at `step`; True if it started. Every process
+        calls it, each with its own `data_state`; all of them are saved.
 
         Waits for the previous save first. Refuses (and reports) a state with NaN/Inf parameters,
         so the newest checkpoint is always the last good one.
@@ -478,6 +554,7 @@ class Checkpointer:
         self.wait()
         if step in self.steps():
             return False
+        data_states = _gather_json(data_state or {})
         finite = _all_finite(state.params)  # replicated; on multi-host runs read the local copy
         if not bool(np.asarray(finite.addressable_data(0))):
             self._report_failure(step, "the parameters contain NaN or Inf")
@@ -490,10 +567,8 @@ class Checkpointer:
             return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(items["params"]),
-            opt_state=ocp.args.StandardSave(items["opt_state"]),
-            train=ocp.args.StandardSave(items["train"]),
-            data=ocp.args.JsonSave(data_state or {}),
+            **{k: ocp.args.PyTreeSave(items[k]) for k in ARRAY_ITEMS},
+            data=ocp.args.JsonSave({"processes": data_states}),
             config=ocp.args.JsonSave(config or {}),
             structure=ocp.args.JsonSave(describe(items)),
         )
@@ -537,9 +612,8 @@ class Checkpointer:
             r = self._mgr.restore(
                 step,
                 args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(items["params"]),
-                    opt_state=ocp.args.StandardRestore(items["opt_state"]),
-                    train=ocp.args.StandardRestore(items["train"]),
+                    **{k: ocp.args.PyTreeRestore(items[k], restore_args=ocp.checkpoint_utils.construct_restore_args(items[k]))
+                       for k in ARRAY_ITEMS},
                     data=ocp.args.JsonRestore(),
                     config=ocp.args.JsonRestore(),
                 ),
@@ -548,7 +622,11 @@ class Checkpointer:
             jax.block_until_ready(state)
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files
             raise CheckpointError(f"{step_dir}: cannot be restored ({type(e).__name__}: {_short(e)})") from e
-        return Restored(step, state, r["data"] or None, r["config"] or None, self.metrics(step))
+        data_states = r["data"].get("processes") if isinstance(r["data"], dict) else r["data"]
+        if data_states is not None and not (isinstance(data_states, list) and all(isinstance(d, dict) for d in data_states)):
+            raise CheckpointError(f"{step_dir / 'data'}: not a list of data iterator states")
+        return Restored(step, state, data_states if data_states and any(data_states) else None,
+                        r["config"] or None, self.metrics(step))
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
         """Restore the newest readable checkpoint; damaged newer ones are reported and set aside
