@@ -88,20 +88,23 @@ def test_finetuned_greedy_completions_match_training(finetuned):
 
 
 @pytest.mark.slow
-def test_finetune_through_the_train_entry_point(tmp_path, capsys):
-    """`python -m gpt2_jax.train ... init_from= finetune_data=`: sharded over 8 devices, from a checkpoint."""
-    from gpt2_jax import checkpoint, train
+def test_finetune_through_the_train_entry_point(tmp_path, capsys, monkeypatch):
+    """`python -m gpt2_jax.train ... init_from= finetune_data=`: sharded over 8 devices, from a
+    checkpoint; the same command with more steps resumes without reading init_from's weights and
+    without creating a fresh state first."""
+    from gpt2_jax import checkpoint, step, train
 
     cfg = config.get_model_config("tiny", n_ctx=64, n_embd=48, n_head=3, n_layer=2)
     ckpt = checkpoint.save_params(tmp_path / "base", cfg, model.init_params(cfg, jax.random.key(0)))
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"q": p, "a": c}) for p, c in PAIRS) + "\n")
     run_dir = tmp_path / "run"
-    rc = train.main([
+    args = [
         "tiny", f"init_from={ckpt}", f"finetune_data={data}", "prompt_template={q}", "completion_template={a}",
-        "seq_len=0", "batch_size=8", "steps=40", "lr=5e-3", "warmup_steps=2", "weight_decay=0", "eval_every=20",
+        "seq_len=0", "batch_size=8", "lr=5e-3", "warmup_steps=2", "weight_decay=0", "eval_every=20",
         "log_every=1", "sample_tokens=4", f"run_dir={run_dir}",
-    ])
+    ]
+    rc = train.main([*args, "steps=40"])
     assert rc == 0, capsys.readouterr().err
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["n_embd"] == 48 and saved["model"]["n_ctx"] == 64  # the checkpoint's shape
@@ -109,6 +112,17 @@ def test_finetune_through_the_train_entry_point(tmp_path, capsys):
     losses = [r["loss"] for r in records if "loss" in r]
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert losses[-1] < 0.3 * losses[0] and val[-1] < 0.3 * losses[0]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed run must not read or create a state besides its checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "load_model", refuse)
+        m.setattr(step, "init_train_state_sharded", refuse)
+        assert train.main([*args, "steps=42"]) == 0, capsys.readouterr().err
+    assert "resumed from checkpoint step 40" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r][-3:] == [40, 41, 42]
     bad = train.main(["tiny", f"init_from={tmp_path / 'missing'}", f"finetune_data={data}", f"run_dir={tmp_path / 'r2'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert bad != 0 and err[-1].startswith("error: ") and "init_from" in err[-1]

@@ -1,4 +1,5 @@
-"""Multi-process training: 2 processes x 2 CPU devices (gloo collectives) == 1 process x 4 devices.
+"""Multi-process training: 2 processes x 2 CPU devices (gloo collectives) == 1 process x 4 devices,
+and the trainer run as 2 processes resumes exactly from a checkpoint.
 
 Run as a script, this file is the worker: `python tests/test_train_multiprocess.py PROCESS_ID
 NUM_PROCESSES PORT` trains 3 steps of a small model on a (data=2, fsdp=2) mesh and process 0
@@ -76,6 +77,72 @@ def test_two_processes_match_one_process():
     multi = _launch(2)
     assert len(single) == STEPS and single[-1] < single[0]
     np.testing.assert_allclose(multi, single, rtol=1e-5)
+
+
+# The trainer itself, as 2 processes x 2 CPU devices: a tiny model on Tiny Shakespeare with dropout,
+# checkpoints at steps 3 and 6. Each process reads its own share of the data.
+TRAIN_ARGS = [
+    "tiny", "n_layer=1", "n_embd=48", "n_head=3", "seq_len=16", "batch_size=8", "steps=6", "dropout=0.1",
+    "eval_every=0", "eval_batches=1", "sample_tokens=1", "log_every=1", "ckpt_every=3", "mesh=2,2,1",
+]
+
+
+def _train_two_processes(run_dir: Path, env: dict) -> str:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gpt2_jax.train", *TRAIN_ARGS, f"run_dir={run_dir}",
+             "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs[0]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly(tmp_path, shared_data):
+    """Every process's data iterator position is saved and restored: a run that resumes from its step
+    3 checkpoint repeats steps 4..6 of the straight run bit for bit."""
+    import jax
+
+    from gpt2_jax import checkpoint
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", GPT2_JAX_DATA_DIR=str(shared_data),
+        GPT2_JAX_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    run_dir = tmp_path / "run"
+    _train_two_processes(run_dir, env)
+    straight = _losses(run_dir)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6] and checkpoint.complete_steps(ckpts) == [3, 6]
+    data = checkpoint.read_json_item(ckpts / "3", "data")["processes"]
+    assert [d["loader"]["shard_index"] for d in data] == [0, 1]
+    want = checkpoint.load_params(ckpts / "6")[1]
+    (ckpts / "6").rename(tmp_path / "6")  # as if the run had died after its step 3 checkpoint
+
+    out = _train_two_processes(run_dir, env)
+    assert "resumed from checkpoint step 3" in out
+    again = _losses(run_dir)  # the resumed run's records of steps 4..6 come last and win
+    assert {s: again[s] for s in (4, 5, 6)} == {s: straight[s] for s in (4, 5, 6)}
+    got = checkpoint.load_params(ckpts / "6")[1]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 if __name__ == "__main__":

@@ -195,8 +195,6 @@ def load_init(path: str, run_config):
     `path` is anything `checkpoint.load_model` accepts (params checkpoint, run or step directory,
     HF GPT-2 directory). Params are converted to the layer layout the run uses.
     """
-    import dataclasses
-
     from gpt2_jax import checkpoint
     from gpt2_jax.model import stack_layers, unstack_layers
 
@@ -204,7 +202,7 @@ def load_init(path: str, run_config):
         cfg, params = checkpoint.load_model(path)
     except checkpoint.CheckpointError as e:
         raise ConfigError(f"init_from={path}: {e}") from None
-    cfg = dataclasses.replace(cfg, **{k: getattr(run_config, k) for k in _RUN_FIELDS})
+    cfg = _with_run_numerics(cfg, run_config)
     if cfg.scan_layers and "h" not in params:
         params = stack_layers(params, cfg.n_layer)
     elif not cfg.scan_layers and "h" in params:
@@ -212,13 +210,21 @@ def load_init(path: str, run_config):
     return cfg, params
 
 
-def with_params(state, shardings, params, tx):
-    """`state` with the given params placed on its shardings and a fresh optimizer state for them."""
-    import jax
+def init_config(path: str, run_config):
+    """The ModelConfig `load_init` would return, read without loading the weights (for a run that
+    resumes from its own checkpoint and so does not need them)."""
+    from gpt2_jax import checkpoint
 
-    params = jax.device_put(params, shardings.params)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    return state.replace(params=params, opt_state=opt_state)
+    try:
+        return _with_run_numerics(checkpoint.load_model_config(path), run_config)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"init_from={path}: {e}") from None
+
+
+def _with_run_numerics(cfg, run_config):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: getattr(run_config, k) for k in _RUN_FIELDS})
 
 
 def load_data(tcfg, mcfg, eval_batch_size: int):

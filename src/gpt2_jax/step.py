@@ -32,11 +32,13 @@ class TrainState:
     rng: jax.Array  # uint32 raw key data (jax.random.key_data); dropout keys derive from it
 
 
-def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """A fresh TrainState. `rng` is a typed key (jax.random.key); jit this with out_shardings to shard."""
+def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array, params: Any = None) -> TrainState:
+    """A fresh TrainState, with new random params or the given ones (fine-tuning). `rng` is a typed
+    key (jax.random.key); jit this with out_shardings to shard."""
     init_rng, dropout_rng = jax.random.split(rng)
-    tokens = jnp.zeros((1, min(8, config.n_ctx)), jnp.int32)
-    params = nn.meta.unbox(GPT2(config).init(init_rng, tokens)["params"])
+    if params is None:
+        tokens = jnp.zeros((1, min(8, config.n_ctx)), jnp.int32)
+        params = nn.meta.unbox(GPT2(config).init(init_rng, tokens)["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -139,16 +141,24 @@ def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh,
     return abstract, TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
 
 
-def init_train_state_sharded(config: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules):
-    """A TrainState created directly in its sharded layout (the full model never sits on one device).
+def init_train_state_sharded(config: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules, params: Any = None):
+    """A TrainState created directly in its sharded layout (the full model never sits on one device),
+    with new random params or the given ones (host or device arrays in the layout of `config`).
 
     Returns (state, shardings).
     """
     _, shardings = state_shardings(config, tx, mesh, rules)
+    if params is None:
+        init = sharding.sharded_jit(
+            lambda: init_train_state(config, tx, jax.random.key(seed)), mesh, rules, out_shardings=shardings
+        )
+        return init(), shardings
+    # Given params go straight onto their shardings; only the optimizer state is created around them.
     init = sharding.sharded_jit(
-        lambda: init_train_state(config, tx, jax.random.key(seed)), mesh, rules, out_shardings=shardings
+        lambda p: init_train_state(config, tx, jax.random.key(seed), p), mesh, rules,
+        in_shardings=(shardings.params,), out_shardings=shardings,
     )
-    return init(), shardings
+    return init(jax.device_put(params, shardings.params)), shardings
 
 
 def compile_train_step(

@@ -348,24 +348,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def create_state(tcfg: TrainConfig, mcfg: ModelConfig, tx, mesh, rules):
-    """The train state to start from, initialized directly sharded. Returns (state, shardings)."""
-    from gpt2_jax.step import init_train_state_sharded
-
-    return init_train_state_sharded(mcfg, tx, tcfg.seed, mesh, rules)
-
-
-def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, state, train_batches, echo):
-    """`(state, restored)`: the run's newest readable checkpoint (onto `state`'s shardings, the
-    data iterator moved to where it was) when there is one, else `(state, None)`."""
+def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, target, train_batches, echo):
+    """`(state, restored)`: the run's newest readable checkpoint restored onto `target` (a tree of
+    ShapeDtypeStructs with shardings), the data iterator moved to where it was; `(None, None)`
+    when the run has no checkpoint yet."""
     from gpt2_jax import checkpoint
 
     steps = ckpt.steps()
     if not steps:
-        return state, None
+        return None, None
     if not tcfg.resume:
         raise ConfigError(f"{ckpt.directory} already holds checkpoints (steps {steps}); resume=true continues that run, or choose another run_dir=")
-    restored = ckpt.restore_latest(checkpoint.abstract_like(state))
+    restored = ckpt.restore_latest(target)
     if restored is None:
         raise TrainingError(f"no checkpoint in {ckpt.directory} could be restored (see above)")
     saved = (restored.config or {}).get("model", {})
@@ -373,10 +367,10 @@ def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, state, train_batches, ech
     diff = [f"{k}={saved[k]} (now {getattr(mcfg, k)})" for k in keys if k in saved and saved[k] != getattr(mcfg, k)]
     if diff:
         raise ConfigError(f"checkpoint step {restored.step} in {ckpt.directory} has another model shape: {', '.join(diff)}")
-    if restored.data_state:
+    if restored.data_states:
         try:
             train_batches.set_state(restored.data_state)
-        except (DataError, KeyError, TypeError, ValueError) as e:
+        except (checkpoint.CheckpointError, DataError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"cannot resume the data iterator of checkpoint step {restored.step}: {e}") from None
     echo(f"resumed from checkpoint step {restored.step} in {ckpt.directory}" + (" (init_from= ignored)" if tcfg.init_from else ""))
     return restored.state, restored
@@ -403,8 +397,12 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
 
     is_main = jax.process_index() == 0
     mcfg = resolve_dtype(tcfg, mcfg)
+    # A run that resumes restores its own checkpoint: the weights of init_from= are not read then.
+    resuming = tcfg.resume and bool(checkpoint.complete_steps(run_dir / checkpoint.CHECKPOINTS_DIR))
     init_params = None
-    if tcfg.init_from:
+    if tcfg.init_from and resuming:
+        mcfg = finetune.init_config(tcfg.init_from, mcfg)
+    elif tcfg.init_from:
         mcfg, init_params = finetune.load_init(tcfg.init_from, mcfg)
     seq_len = tcfg.seq_len or mcfg.n_ctx
     if seq_len > mcfg.n_ctx:
@@ -431,15 +429,18 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         write_json_atomic(run_dir / "config.json", {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)})
     writer = MetricsWriter(run_dir, is_main)
 
-    state, shardings = create_state(tcfg, mcfg, tx, mesh, rules)
-    if init_params is not None:
-        state = finetune.with_params(state, shardings, init_params, tx)
+    abstract, shardings = step_lib.state_shardings(mcfg, tx, mesh, rules)
     if mesh.size > 1:
-        sharding.check_params_sharded(state.params, tcfg.strategy)
+        sharding.check_params_sharded(shardings.params, tcfg.strategy, shapes=abstract.params)
     ckpt = checkpoint.Checkpointer(
         run_dir, checkpoint.CheckpointOptions(tcfg.ckpt_every, tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async)
     )
-    state, _ = resume(tcfg, mcfg, ckpt, state, train_batches, echo if is_main else lambda *_: None)
+    # Restored straight onto the shardings, or created there: the state is never in memory twice.
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    state, restored = resume(tcfg, mcfg, ckpt, target, train_batches, echo if is_main else lambda *_: None)
+    if restored is None:
+        state, _ = step_lib.init_train_state_sharded(mcfg, tx, tcfg.seed, mesh, rules, init_params)
+        del init_params
     run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
     val_at: dict[int, float] = {}
     train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, mesh, rules, shardings)
