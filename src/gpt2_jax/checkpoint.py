@@ -103,16 +103,20 @@ def _restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None
     """Restore an Orbax PyTree directory onto `sharding` (default: this process's first device).
 
     The target is built from the saved metadata, so the device count at save time does not matter.
+    The directory is read with the PyTree handler itself: in a training checkpoint it is one item
+    of a step, without the step-level metadata file that a `Checkpointer` looks for.
     """
-    ckptr = ocp.StandardCheckpointer()
+    handler = ocp.PyTreeCheckpointHandler()
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        meta = ckptr.metadata(params_dir)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        tree = handler.metadata(params_dir).tree
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-        return ckptr.restore(params_dir, target)
+        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+        return handler.restore(params_dir, args=args)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files
         raise CheckpointError(f"{params_dir}: cannot be restored ({type(e).__name__}: {_short(e)})") from e
+    finally:
+        handler.close()
 
 
 def _short(e: BaseException) -> str:
