@@ -13,17 +13,15 @@ and completion_template=" {summary}" (a `\\n` typed in a template is a newline).
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax import jsonl
 from gpt2_jax.config import ConfigError
 from gpt2_jax.tokenizer import EOT_ID
-
-MAX_FILE_BYTES = 1 << 30
 
 
 def _template_fields(template: str, name: str) -> list[str]:
@@ -56,30 +54,14 @@ def read_pairs(
         completion_template, "completion_template"
     )
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"fine-tuning data {path} does not exist")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ConfigError(f"fine-tuning data {path} is larger than 1 GiB")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ConfigError(f"fine-tuning data {path} is not UTF-8 text") from None
     pairs = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ConfigError(f"{path}:{i}: expected a JSON object")
+    for where, rec in jsonl.read_objects(path, ConfigError, "fine-tuning data"):
         for f in fields:
             if not isinstance(rec.get(f), str):
-                raise ConfigError(f"{path}:{i}: field {f!r} is missing or not a string")
+                raise ConfigError(f"{where}: field {f!r} is missing or not a string")
         prompt, completion = prompt_template.format(**rec), completion_template.format(**rec)
         if not prompt or not completion.strip():
-            raise ConfigError(f"{path}:{i}: empty prompt or completion")
+            raise ConfigError(f"{where}: empty prompt or completion")
         pairs.append((prompt, completion))
     if not pairs:
         raise ConfigError(f"fine-tuning data {path} holds no examples")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-MAX_JSONL_BYTES = 1 << 30
+from gpt2_jax import jsonl
 
 
 class TaskError(ValueError):
@@ -154,27 +154,8 @@ def read_jsonl(path: str | Path, task: str) -> list[dict[str, Any]]:
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     t = TASKS[task]
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"input file {path} does not exist")
-    if path.stat().st_size > MAX_JSONL_BYTES:
-        raise TaskError(f"input file {path} is larger than 1 GiB")
     records = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise TaskError(f"{path} is not UTF-8 text") from e
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(rec, dict):
-            raise TaskError(f"{where}: expected a JSON object")
+    for where, rec in jsonl.read_objects(path, TaskError):
         _check_text(rec, t.input_field, where, required=True)
         if task == "qa":
             _check_text(rec, "context", where, required=False)

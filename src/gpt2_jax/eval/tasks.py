@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 import zipfile
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from tqdm import tqdm
 
+from gpt2_jax import jsonl
 from gpt2_jax.eval.detokenize import count_words, moses_detokenize, ptb_detokenize, wikitext_detokenize
 from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
@@ -122,19 +122,15 @@ def _read_text(path: Path, task: str) -> str:
 def _read_jsonl_texts(path: Path, task: str, limit: int | None) -> list[str]:
     """The "text" field of each line of a JSON-lines file (OpenAI's webtext and LAMBADA format)."""
     texts = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        for where, record in jsonl.read_objects(path, EvalError, "data file"):
             if limit is not None and len(texts) >= limit:
                 break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{task}: {path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise EvalError(f'{task}: {path}:{lineno}: line has no "text" string')
+            if not isinstance(record.get("text"), str):
+                raise EvalError(f'{where}: line has no "text" string')
             texts.append(record["text"])
+    except EvalError as e:
+        raise EvalError(f"{task}: {e}") from None
     if not texts:
         raise EvalError(f"{task}: {path} holds no documents")
     return texts

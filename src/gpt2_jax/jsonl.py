@@ -1,0 +1,37 @@
+"""JSON-lines files from users (evaluation sets, fine-tuning pairs, prompt tasks): one JSON object
+per line, blank lines skipped, and every problem reported as one line naming the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+MAX_BYTES = 1 << 30  # larger files are refused rather than read into memory
+
+
+def read_objects(path: str | Path, error: type[Exception], what: str = "input file") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield `("PATH:LINE", record)` for each non-blank line of `path`.
+
+    A missing, oversized or non-UTF-8 file, a line that is not JSON and a line that is not an object
+    raise `error` with a one-line message (`what` names the file's role: "fine-tuning data", ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    if path.stat().st_size > MAX_BYTES:
+        raise error(f"{what} {path} is larger than {MAX_BYTES:,} bytes")
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise error(f"{path}:{lineno}: expected a JSON object")
+                yield f"{path}:{lineno}", record
+        except UnicodeDecodeError:
+            raise error(f"{what} {path} is not UTF-8 text") from None
