@@ -121,7 +121,7 @@ def test_abstract_structure_of_big_sizes_from_saved_metadata(tmp_path, size):
 
     cfg = get_model_config(size)
     tx = optim.make_optimizer(optim.lr_schedule(1e-3, 1, 10))
-    live_before = len(jax.live_arrays())
+    live_before = {id(x) for x in jax.live_arrays()}  # earlier tests' arrays may be freed meanwhile
 
     def target_on(mesh):
         rules = sharding.logical_rules("fsdp_tp", mesh, cfg)
@@ -146,4 +146,4 @@ def test_abstract_structure_of_big_sizes_from_saved_metadata(tmp_path, size):
             g = got[k]
             assert (g.shape, g.dtype) == (w.shape, w.dtype), k
             assert g.sharding.is_equivalent_to(w.sharding, len(w.shape)), (k, g.sharding, w.sharding)
-    assert len(jax.live_arrays()) == live_before
+    assert not [x.shape for x in jax.live_arrays() if id(x) not in live_before]  # nothing was allocated
