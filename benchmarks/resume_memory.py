@@ -34,8 +34,6 @@ def _setup(size: str):
 
 
 def worker(mode: str, size: str, run: str) -> None:
-    import jax
-
     from gpt2_jax import checkpoint, step
 
     cfg, tx, mesh, rules = _setup(size)
@@ -48,8 +46,7 @@ def worker(mode: str, size: str, run: str) -> None:
         state, _ = step.init_train_state_sharded(cfg, tx, 0, mesh, rules)
         target = checkpoint.abstract_like(state)
     else:
-        abstract, shardings = step.state_shardings(cfg, tx, mesh, rules)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        target, _ = step.state_shardings(cfg, tx, mesh, rules)
     restored = checkpoint.Checkpointer(run, read_only=True).restore_latest(target)
     assert restored is not None and int(restored.state.step) == 0
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB

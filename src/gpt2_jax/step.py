@@ -133,12 +133,18 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: GPT2) -> dict[
 
 
 def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh, rules) -> tuple[TrainState, TrainState]:
-    """(abstract TrainState, TrainState of NamedShardings) for `config` on `mesh`; allocates nothing."""
+    """(abstract TrainState, TrainState of NamedShardings) for `config` on `mesh`; allocates nothing.
+
+    The abstract state's ShapeDtypeStructs carry their shardings, so it serves directly as the
+    target of a restore or of `lower`.
+    """
     abstract = jax.eval_shape(lambda: init_train_state(config, tx, jax.random.key(0)))
     p_sh = sharding.param_shardings(abstract_params(config), mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_sh = sharding.opt_state_shardings(tx, abstract.opt_state, p_sh, mesh)
-    return abstract, TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
+    shardings = TrainState(step=replicated, params=p_sh, opt_state=opt_sh, rng=replicated)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
 
 
 def init_train_state_sharded(config: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules, params: Any = None):

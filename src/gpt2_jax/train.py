@@ -436,8 +436,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         run_dir, checkpoint.CheckpointOptions(tcfg.ckpt_every, tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async)
     )
     # Restored straight onto the shardings, or created there: the state is never in memory twice.
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    state, restored = resume(tcfg, mcfg, ckpt, target, train_batches, echo if is_main else lambda *_: None)
+    state, restored = resume(tcfg, mcfg, ckpt, abstract, train_batches, echo if is_main else lambda *_: None)
     if restored is None:
         state, _ = step_lib.init_train_state_sharded(mcfg, tx, tcfg.seed, mesh, rules, init_params)
         del init_params
