@@ -1,10 +1,23 @@
-"""Helpers shared by tests: random HF GPT-2 models as the independent reference."""
+"""Helpers shared by tests: random HF GPT-2 models as the independent reference, and what a
+training run wrote."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} from a run's metrics.jsonl, the last record of each step winning (a resumed run
+    appends the steps it repeats)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
 
 
 def random_hf_gpt2(out_dir: Path | None = None, *, seed: int = 0, **config):

@@ -3,19 +3,18 @@ fault cases (killed during an async save, a truncated newest checkpoint, a read-
 folder). Every case ends with a run that reaches step 40 with the losses and final params of an
 uninterrupted run, bit for bit."""
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from gpt2_jax import checkpoint as C
+from helpers import run_losses as losses
 from test_checkpoint import _array_files, _make_read_only, _make_writable
 
 pytestmark = pytest.mark.slow
@@ -78,16 +77,6 @@ def after(run_dir, ckpt_step, min_step):
         return bool(m) and int(m.group(1)) >= min_step and (run_dir / "checkpoints" / str(ckpt_step)).is_dir()
 
     return check
-
-
-def losses(run_dir):
-    """{step: loss}, the last record of each step winning (a resumed run appends)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

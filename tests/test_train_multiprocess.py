@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_losses
+
 GLOBAL_BATCH, SEQ, STEPS = 8, 16, 3
 
 
@@ -103,15 +105,6 @@ def _train_two_processes(run_dir: Path, env: dict) -> str:
     return outs[0]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
-
-
 @pytest.mark.slow
 def test_two_processes_resume_exactly(tmp_path, shared_data):
     """Every process's data iterator position is saved and restored: a run that resumes from its step
@@ -128,7 +121,7 @@ def test_two_processes_resume_exactly(tmp_path, shared_data):
     )
     run_dir = tmp_path / "run"
     _train_two_processes(run_dir, env)
-    straight = _losses(run_dir)
+    straight = run_losses(run_dir)
     ckpts = run_dir / "checkpoints"
     assert sorted(straight) == [1, 2, 3, 4, 5, 6] and checkpoint.complete_steps(ckpts) == [3, 6]
     data = checkpoint.read_json_item(ckpts / "3", "data")["processes"]
@@ -138,7 +131,7 @@ def test_two_processes_resume_exactly(tmp_path, shared_data):
 
     out = _train_two_processes(run_dir, env)
     assert "resumed from checkpoint step 3" in out
-    again = _losses(run_dir)  # the resumed run's records of steps 4..6 come last and win
+    again = run_losses(run_dir)  # the resumed run's records of steps 4..6 come last and win
     assert {s: again[s] for s in (4, 5, 6)} == {s: straight[s] for s in (4, 5, 6)}
     got = checkpoint.load_params(ckpts / "6")[1]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
