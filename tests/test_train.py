@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpt2_jax import train
+from gpt2_jax import costs, train
 from gpt2_jax.config import ConfigError, get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,14 +78,14 @@ def test_cli_error_is_one_line_without_traceback():
 def test_flops_and_peak_table():
     small = get_model_config("small")
     # 6 * (124,439,808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
-    assert train.flops_per_token(small, 1024) == 6 * 123_653_376 + 113_246_208
+    assert costs.flops_per_token(small, 1024) == 6 * 123_653_376 + 113_246_208
     dev = lambda platform, kind: SimpleNamespace(platform=platform, device_kind=kind)
-    assert train.peak_flops(dev("gpu", "NVIDIA H100 80GB HBM3")) == 989e12
-    assert train.peak_flops(dev("gpu", "NVIDIA H100 PCIe")) == 756e12
-    assert train.peak_flops(dev("tpu", "TPU v5 lite")) == 197e12
-    assert train.peak_flops(dev("tpu", "TPU v5p")) == 459e12
-    assert train.peak_flops(dev("cpu", "cpu")) is None
-    assert train.peak_flops(dev("gpu", "Some Future GPU")) is None
+    assert costs.peak_flops(dev("gpu", "NVIDIA H100 80GB HBM3")) == 989e12
+    assert costs.peak_flops(dev("gpu", "NVIDIA H100 PCIe")) == 756e12
+    assert costs.peak_flops(dev("tpu", "TPU v5 lite")) == 197e12
+    assert costs.peak_flops(dev("tpu", "TPU v5p")) == 459e12
+    assert costs.peak_flops(dev("cpu", "cpu")) is None
+    assert costs.peak_flops(dev("gpu", "Some Future GPU")) is None
 
 
 TINY_RUN = ["n_layer=1", "n_embd=48", "n_head=3", "seq_len=32", "batch_size=8", "eval_batches=1", "sample_tokens=4", "log_every=1"]

@@ -242,7 +242,9 @@ class GPT2(nn.Module):
             cache = self.variables.get("cache", {}) if decode else {}
             start = _cache_index(cache) if cache else 0
             positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-        x_BTD = (jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)).astype(dtype)
+        wte_VD = _constrain(wte_VD.astype(dtype), (ACT_VOCAB, None))
+        wpe_PD = _constrain(wpe_PD.astype(dtype), (None, None))
+        x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)
         x_BTD = _constrain(x_BTD, (ACT_BATCH, ACT_SEQ, ACT_EMBED))
         x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
 
@@ -267,7 +269,7 @@ class GPT2(nn.Module):
         if return_hidden:
             return x_BTD
         # LM head tied to wte; logits accumulate in float32 whatever the compute dtype.
-        logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD.astype(dtype), preferred_element_type=jnp.float32)
+        logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
         logits_BTV = _constrain(logits_BTV, (ACT_BATCH, ACT_SEQ, ACT_VOCAB))
         return logits_BTV[..., : cfg.vocab_size]
 

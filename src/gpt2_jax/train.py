@@ -178,50 +178,6 @@ def resolve_dtype(tcfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:
     return replace(mcfg, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------- MFU
-
-# Peak dense bfloat16 FLOP/s per device, keyed by a substring of `jax.devices()[0].device_kind`;
-# the first match wins, so the more specific names come first. Sources: NVIDIA's H100/H200/A100
-# datasheets, Google Cloud's TPU system-architecture pages.
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("TPU v4", 275e12),
-)
-
-
-def peak_flops(device) -> float | None:
-    """Peak bf16 FLOP/s of `device`, or None (CPU and unknown devices: no MFU is shown)."""
-    if device.platform == "cpu":
-        return None
-    for key, flops in PEAK_FLOPS:
-        if key.lower() in device.device_kind.lower():
-            return flops
-    return None
-
-
-def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM paper, appendix B).
-
-    N counts every parameter except the position table (wte is also the LM head matmul, wpe is a
-    lookup); 6N is the forward+backward matmuls, 12*L*H*Q*T the attention scores and mixing, with L
-    layers, H heads of width Q and T the sequence length.
-    """
-    from gpt2_jax.model import count_params
-
-    n = count_params(mcfg) - mcfg.n_ctx * mcfg.n_embd
-    return 6.0 * n + 12.0 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -393,7 +349,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     import jax
     from tqdm import tqdm
 
-    from gpt2_jax import checkpoint, finetune, optim, sharding, step as step_lib
+    from gpt2_jax import checkpoint, costs, finetune, optim, sharding, step as step_lib
 
     is_main = jax.process_index() == 0
     mcfg = resolve_dtype(tcfg, mcfg)
@@ -448,8 +404,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     sampler = make_sampler(mcfg, mesh, rules, n_new, tcfg.top_k)
 
     tokens_per_step = tcfg.batch_size * seq_len
-    fpt = flops_per_token(mcfg, seq_len)
-    peak_device = peak_flops(jax.devices()[0])
+    fpt = costs.flops_per_token(mcfg, seq_len)
+    peak_device = costs.peak_flops(jax.devices()[0])
     start_step = int(jax.device_get(state.step))
     if is_main:
         echo(

@@ -1,0 +1,49 @@
+"""What a train step costs: analytic FLOPs, devices' peak FLOP/s (for MFU).
+
+A leaf above `model`: it reads a ModelConfig and the parameter count, never a mesh or a device
+beyond the one it is handed.
+"""
+
+from __future__ import annotations
+
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import count_params
+
+# Peak dense bfloat16 FLOP/s per device, keyed by a substring of `jax.devices()[0].device_kind`;
+# the first match wins, so the more specific names come first. Sources: NVIDIA's H100/H200/A100
+# datasheets, Google Cloud's TPU system-architecture pages.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device) -> float | None:
+    """Peak bf16 FLOP/s of `device`, or None (CPU and unknown devices: no MFU is shown)."""
+    if device.platform == "cpu":
+        return None
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device.device_kind.lower():
+            return flops
+    return None
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12*L*H*Q*T (PaLM paper, appendix B).
+
+    N counts every parameter except the position table (wte is also the LM head matmul, wpe is a
+    lookup); 6N is the forward+backward matmuls, 12*L*H*Q*T the attention scores and mixing, with L
+    layers, H heads of width Q and T the sequence length.
+    """
+    n = count_params(mcfg) - mcfg.n_ctx * mcfg.n_embd
+    return 6.0 * n + 12.0 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
