@@ -11,7 +11,12 @@ from conftest import ROOT
 # corpus not on the CI machine (OpenWebText, OpenAI's weights) point at the tests that run the same
 # entry point and flags on a tiny model or a test-made file.
 COVERAGE = {
-    "make install": [".ci/run"],
+    "make install": [".ci/run", "tests/test_install.py::test_make_install_defaults_to_cpu"],
+    "make install ACCEL=cuda": ["tests/test_install.py::test_make_install_installs_the_extra_and_never_torch"],
+    "make install ACCEL=tpu": ["tests/test_install.py::test_make_install_installs_the_extra_and_never_torch"],
+    "pip install -e .": ["tests/test_install.py::test_user_requirements_hold_no_test_only_package"],
+    'pip install -e ".[cuda]"': ["tests/test_install.py::test_accelerator_extras_name_jax_extras"],
+    'pip install -e ".[tpu]"': ["tests/test_install.py::test_accelerator_extras_name_jax_extras"],
     "make test": [".ci/run"],
     "make test-slow": [".ci/run"],
     "make train": ["tests/test_train.py::test_make_train_reaches_val_loss_6"],
@@ -106,8 +111,8 @@ def test_every_readme_command_is_exercised():
 def test_make_commands_expand():
     """`make -n` on each README make command: every target and variable it names exists."""
     for command in readme_commands():
-        if not command.startswith("make ") or command in ("make install", "make test", "make test-slow"):
-            continue
+        if not command.startswith("make ") or command.split()[1] in ("install", "test", "test-slow"):
+            continue  # installs and test runs: tests/test_install.py and .ci/run
         args = re.findall(r'(\w+="[^"]*"|\S+)', command.removeprefix("make "))
         args = [a.replace('"', "") for a in args]
         proc = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True)
