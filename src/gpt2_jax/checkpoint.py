@@ -93,6 +93,9 @@ def _model_config_from(d: Any, where: Path) -> ModelConfig:
     if not isinstance(d, dict):
         raise CheckpointError(f"{where}: not a valid model config (expected a JSON object)")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    # The attention implementation a run recorded is its device's (cudnn, splash): where the model
+    # is loaded, the platform there chooses again.
+    d = {**d, "attention": "auto"}
     try:
         return ModelConfig.from_dict({k: v for k, v in d.items() if k in fields})
     except (ConfigError, TypeError) as e:

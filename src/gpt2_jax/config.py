@@ -13,6 +13,9 @@ GPT2_VOCAB_SIZE = 50257
 # keeps only matmuls without batch dimensions (the weight-stationary ones).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention implementation (gpt2_jax.attention): auto = the platform's flash kernel where dtype and
+# shapes allow (cuDNN on NVIDIA GPUs, Pallas splash on TPUs), XLA elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -53,6 +57,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(DTYPES)}")

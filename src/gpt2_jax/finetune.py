@@ -168,7 +168,7 @@ def split_validation(examples: list, min_examples: int = 20, fraction: float = 0
 
 # ModelConfig fields that describe numerics or memory layout rather than the weights, taken from the
 # training configuration when starting from a checkpoint; everything else comes from the checkpoint.
-_RUN_FIELDS = ("dtype", "embd_pdrop", "attn_pdrop", "resid_pdrop", "scan_layers", "remat_policy")
+_RUN_FIELDS = ("dtype", "embd_pdrop", "attn_pdrop", "resid_pdrop", "scan_layers", "remat_policy", "attention")
 
 
 def load_init(path: str, run_config):

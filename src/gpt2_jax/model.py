@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt2_jax import attention
 from gpt2_jax.config import ModelConfig
 
 # Logical names of parameter axes. Activations use separate `act_*` names so that FSDP-sharded
@@ -148,8 +149,9 @@ class Attention(nn.Module):
                 mask = attention_mask(pos_BT, jnp.arange(T), input_mask_BT.astype(bool))
 
         use_dropout = cfg.attn_pdrop > 0.0 and not self.deterministic
+        impl = attention.select(cfg, T, decode=self.decode, dropout=use_dropout)
         if use_dropout:
-            # jax.nn.dot_product_attention has no dropout on the probabilities; spell it out.
+            # No attention kernel has dropout on the probabilities; spell it out.
             logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32) / math.sqrt(H)
             if mask is None:
                 mask = jnp.tril(jnp.ones((T, k_BSNH.shape[1]), jnp.bool_))[None, None]
@@ -157,11 +159,12 @@ class Attention(nn.Module):
             probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
             probs_BNTS = nn.Dropout(cfg.attn_pdrop)(probs_BNTS, deterministic=False)
             out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
+        elif mask is not None:  # padded keys or a cache: only the XLA path takes a mask
+            out_BTNH = attention.xla_attention(q_BTNH, k_BSNH, v_BSNH, mask)
         else:
-            # Dispatches to cuDNN flash attention on GPU when shapes and dtypes allow.
-            out_BTNH = jax.nn.dot_product_attention(
-                q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(H)
-            )
+            act_axes = (ACT_BATCH, ACT_SEQ, ACT_HEADS, ACT_KV)
+            k_BSNH, v_BSNH = _constrain(k_BSNH, act_axes), _constrain(v_BSNH, act_axes)
+            out_BTNH = attention.causal_attention(q_BTNH, k_BSNH, v_BSNH, impl, logical_axes=act_axes)
         out_BTNH = _constrain(out_BTNH, (ACT_BATCH, ACT_SEQ, ACT_HEADS, ACT_KV))
         return Linear(
             "BTNH,NHD->BTD", (N, H, D), (HEADS, KV, EMBED), (D,), (EMBED,),
@@ -242,6 +245,15 @@ class GPT2(nn.Module):
             cache = self.variables.get("cache", {}) if decode else {}
             start = _cache_index(cache) if cache else 0
             positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
+        # The lookup reads the table in the layout the LM head needs (rows over `tensor`, the embed
+        # axis gathered), in the compute dtype. Gathering straight from the FSDP layout (embed over
+        # `fsdp`) gives rows split by embed that XLA cannot move onto the batch axes: on the 2x2x2
+        # and 2x4x1 meshes it replicated the tensor ("involuntary full rematerialization") at every
+        # step. A one-hot matmul avoids the gather but costs the head's FLOPs again. Measured for
+        # `small`, 8 x 1024 tokens, embedding + head + backward per device
+        # (benchmarks/embedding_lookup.py): this layout 238 GFLOP and one 74 MiB bf16 table gathered
+        # for forward and one for backward, shared with the head; one-hot 397 GFLOP; the plain
+        # gather twice the all-gather bytes (a second, float32 copy of the table).
         wte_VD = _constrain(wte_VD.astype(dtype), (ACT_VOCAB, None))
         wpe_PD = _constrain(wpe_PD.astype(dtype), (None, None))
         x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)
