@@ -8,6 +8,7 @@ names logical axes (see model.py); `logical_rules(strategy)` maps them onto mesh
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -237,6 +238,24 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> int:
     if batch_size % jax.process_count():
         raise ShardingError(f"batch_size={batch_size} does not divide over {jax.process_count()} processes")
     return batch_size // jax.process_count()
+
+
+# Programs dispatched and not yet read back, at most. Two keep the device busy while the host reads
+# the previous result; an unbounded queue keeps every batch of a split on the device at once, and on
+# XLA:CPU dozens of queued programs with collectives can miss each other's rendezvous (an abort).
+MAX_IN_FLIGHT = 2
+
+
+def bounded(fn, items, depth: int = MAX_IN_FLIGHT):
+    """Yield `jax.device_get(fn(item))` for each item in order, with at most `depth` calls of `fn`
+    dispatched and not yet read back."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(fn(item))
+        if len(pending) >= depth:
+            yield jax.device_get(pending.popleft())
+    while pending:
+        yield jax.device_get(pending.popleft())
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gpt2_jax.config import DTYPES, SIZES, ConfigError, ModelConfig, get_model_config, parse_overrides, replace
+from gpt2_jax.config import ATTENTION_IMPLS, DTYPES, SIZES, ConfigError, ModelConfig, get_model_config, parse_overrides, replace
 from gpt2_jax.data import DataError
 from gpt2_jax.sharding import STRATEGIES, ShardingError
 
@@ -334,13 +334,12 @@ def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, target, train_batches, ec
 
 def evaluate(eval_step, params, batches, mesh) -> float:
     """Mean validation loss over `batches` (weights from each batch's "mask")."""
-    import jax
+    from gpt2_jax.sharding import bounded, shard_batch
 
-    from gpt2_jax.sharding import shard_batch
-
-    totals = [eval_step(params, shard_batch(b, mesh)) for b in batches]
-    loss_sum = sum(float(jax.device_get(t["loss_sum"])) for t in totals)
-    weight = sum(float(jax.device_get(t["weight"])) for t in totals)
+    loss_sum = weight = 0.0
+    for t in bounded(lambda b: eval_step(params, shard_batch(b, mesh)), batches):
+        loss_sum += float(t["loss_sum"])
+        weight += float(t["weight"])
     return loss_sum / max(weight, 1.0)
 
 
@@ -349,7 +348,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     import jax
     from tqdm import tqdm
 
-    from gpt2_jax import checkpoint, costs, finetune, optim, sharding, step as step_lib
+    from gpt2_jax import attention, checkpoint, costs, finetune, optim, sharding, step as step_lib
 
     is_main = jax.process_index() == 0
     mcfg = resolve_dtype(tcfg, mcfg)
@@ -363,6 +362,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     seq_len = tcfg.seq_len or mcfg.n_ctx
     if seq_len > mcfg.n_ctx:
         raise ConfigError(f"seq_len={seq_len} exceeds the model context n_ctx={mcfg.n_ctx}")
+    attn = attention.resolve(mcfg, jax.devices()[0], seq_len)
+    mcfg = replace(mcfg, attention=attn.impl)  # recorded in config.json as chosen
     mesh = sharding.make_mesh(tcfg.mesh)
     rules = sharding.logical_rules(tcfg.strategy, mesh, mcfg)
     sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
@@ -413,6 +414,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
             f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), mesh {dict(mesh.shape)}, "
             f"{tcfg.strategy}; {tcfg.steps} steps of {tcfg.batch_size} x {seq_len} tokens; run dir {run_dir}"
         )
+        echo(f"attention: {attn}" + (" (attention dropout runs on xla)" if mcfg.attn_pdrop > 0 and attn.impl != "xla" else ""))
 
     final: dict[str, Any] = {}
     last = {"time": None, "step": start_step}
@@ -538,7 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Train GPT-2 on a device mesh. Example: python -m gpt2_jax.train small steps=1000 mesh=1,-1,1",
         epilog="TrainConfig keys (default): "
         + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(TrainConfig))
-        + ". Model shape keys: any ModelConfig field except dtype and the dropouts (python -m gpt2_jax.config SIZE lists them).",
+        + ". ModelConfig keys (dataclass default; the size preset sets the shape): "
+        + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(ModelConfig) if f.name not in _MANAGED_MODEL_KEYS)
+        + f". attention is one of {', '.join(ATTENTION_IMPLS)}: auto takes cuDNN flash attention on NVIDIA GPUs"
+        " (bfloat16/float16) and the Pallas splash kernel on TPUs, XLA elsewhere; the choice is printed and"
+        " recorded in config.json.",
     )
     parser.add_argument(
         "experiment", nargs="?", default="tiny",

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.model import GPT2
+from gpt2_jax.sharding import bounded
 
 MIN_BUCKET = 16
 
@@ -104,7 +105,7 @@ class Scorer:
     def n_ctx(self) -> int:
         return self.config.n_ctx
 
-    def _run(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    def _dispatch(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[jax.Array, jax.Array]:
         if K not in self._fns:  # one jitted function per K; each compiles once per row length
             self._fns[K] = jax.jit(
                 functools.partial(_score_batch, GPT2(self.config), K),
@@ -112,7 +113,10 @@ class Scorer:
                 out_shardings=(self._rows, self._rows),
             )
         put = lambda a: jax.device_put(np.asarray(a, np.int32), self._rows)
-        logp, hit = self._fns[K](self.params, put(tokens_BL), put(n_B))
+        return self._fns[K](self.params, put(tokens_BL), put(n_B))
+
+    def _run(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+        logp, hit = jax.device_get(self._dispatch(tokens_BL, n_B, K))
         return np.asarray(logp, np.float64), np.asarray(hit)
 
     def score_array(self, tokens_BL: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,15 +138,21 @@ class Scorer:
         order = sorted(range(len(rows)), key=lambda i: (-_bucket(len(rows[i]) - 1, self.n_ctx), -n_scored[i]))
         out: list[Any] = [None] * len(rows)
         B = self.batch_size
-        for b0 in tqdm(range(0, len(order), B), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-            idx = order[b0 : b0 + B]
+        groups = [order[b0 : b0 + B] for b0 in range(0, len(order), B)]
+
+        def dispatch(idx):
             T = max(_bucket(len(rows[i]) - 1, self.n_ctx) for i in idx)
             K = min(T, max(_bucket(n_scored[i], self.n_ctx) for i in idx))
             batch, n_B = np.zeros((B, T + 1), np.int32), np.ones(B, np.int32)
             for j, i in enumerate(idx):
                 batch[j, : len(rows[i])] = rows[i]
                 n_B[j] = len(rows[i]) - 1
-            logp, hit = self._run(batch, n_B, K)
+            return self._dispatch(batch, n_B, K)
+
+        # The next batch runs while this one is read back; never more than two in flight.
+        results = bounded(dispatch, groups)
+        for idx, (logp, hit) in tqdm(zip(groups, results), total=len(groups), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+            logp, K = np.asarray(logp, np.float64), logp.shape[1]
             for j, i in enumerate(idx):
                 k = n_scored[i]
                 out[i] = (logp[j, K - k :], hit[j, K - k :])
