@@ -59,6 +59,8 @@ def test_experiment_files_are_not_executed(tmp_path):
         (["tiny", "mesh=3,1,1"], "needs 3 devices but 8 are available"),
         (["tiny", "mesh=8,1,1", "batch_size=4"], "does not divide over the data axes"),
         (["tiny", "batch_size=16", "grad_accum=3"], "not divisible by grad_accum"),
+        (["tiny", "attention=flash"], "unknown attention 'flash'; valid: auto, xla, cudnn, splash"),
+        (["tiny", "attention=cudnn", "steps=1"], "attention=cudnn: cuDNN flash attention needs an NVIDIA GPU, this is cpu"),
     ],
 )
 def test_cli_bad_input(capsys, args, message):
@@ -103,6 +105,9 @@ def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
     assert {"loss", "grad_norm", "lr", "tokens_seen", "tokens_per_s"} <= set(records[0])
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["n_layer"] == 1 and config["train"]["steps"] == 3
+    # auto resolves to the platform's implementation, printed once and recorded.
+    assert out.count("attention: xla (auto: no flash kernel for cpu)") == 1
+    assert config["model"]["attention"] == "xla"
     assert any((run / "tensorboard").iterdir())
     # A learning rate this large overflows the weights: the run stops loudly.
     assert train.main(["tiny", *TINY_RUN, "steps=4", "lr=1e38", "warmup_steps=0", f"run_dir={tmp_path / 'nan'}"]) == 1
@@ -138,3 +143,10 @@ def test_make_train_reaches_val_loss_6(tmp_path, shared_data):
     proc = subprocess.run([sys.executable, "-m", "gpt2_jax.plot", run], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_help_lists_the_model_keys_and_attention(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "attention ('auto')" in out and "auto, xla, cudnn, splash" in out and "remat_policy ('none')" in out
