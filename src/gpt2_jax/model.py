@@ -246,14 +246,13 @@ class GPT2(nn.Module):
             start = _cache_index(cache) if cache else 0
             positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
         # The lookup reads the table in the layout the LM head needs (rows over `tensor`, the embed
-        # axis gathered), in the compute dtype. Gathering straight from the FSDP layout (embed over
-        # `fsdp`) gives rows split by embed that XLA cannot move onto the batch axes: on the 2x2x2
-        # and 2x4x1 meshes it replicated the tensor ("involuntary full rematerialization") at every
-        # step. A one-hot matmul avoids the gather but costs the head's FLOPs again. Measured for
-        # `small`, 8 x 1024 tokens, embedding + head + backward per device
-        # (benchmarks/embedding_lookup.py): this layout 238 GFLOP and one 74 MiB bf16 table gathered
-        # for forward and one for backward, shared with the head; one-hot 397 GFLOP; the plain
-        # gather twice the all-gather bytes (a second, float32 copy of the table).
+        # axis gathered), in the compute dtype, so one gathered bfloat16 copy serves both. Gathering
+        # straight from the FSDP layout (embed over `fsdp`) gives rows split by embed that XLA
+        # cannot move onto the batch axes: on 2x2x2 it replicated the tensor every step
+        # ("involuntary full rematerialization"). A one-hot matmul avoids the gather but pays the
+        # head's FLOPs again. `python benchmarks/embedding_lookup.py` (small, 8 x 1024 tokens, mesh
+        # 1,8,1, per device): this layout 238 GFLOP and 129 MiB of all-gathers; the plain gather 258
+        # MiB (a second, float32 copy of the table); one-hot 397 GFLOP and 49 MiB more temporaries.
         wte_VD = _constrain(wte_VD.astype(dtype), (ACT_VOCAB, None))
         wpe_PD = _constrain(wpe_PD.astype(dtype), (None, None))
         x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)
