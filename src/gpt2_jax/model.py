@@ -253,8 +253,10 @@ class GPT2(nn.Module):
         # head's FLOPs again. `python benchmarks/embedding_lookup.py` (small, 8 x 1024 tokens, mesh
         # 1,8,1, per device): this layout 238 GFLOP and 129 MiB of all-gathers; the plain gather 258
         # MiB (a second, float32 copy of the table); one-hot 397 GFLOP and 49 MiB more temporaries.
-        wte_VD = _constrain(wte_VD.astype(dtype), (ACT_VOCAB, None))
-        wpe_PD = _constrain(wpe_PD.astype(dtype), (None, None))
+        # Cast each shard first (the parameter layout kept through the cast), then gather: the
+        # all-gather moves compute-dtype bytes, not float32.
+        wte_VD = _constrain(_constrain(wte_VD.astype(dtype), (VOCAB, EMBED)), (ACT_VOCAB, None))
+        wpe_PD = _constrain(_constrain(wpe_PD.astype(dtype), (POS, EMBED)), (None, None))
         x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)
         x_BTD = _constrain(x_BTD, (ACT_BATCH, ACT_SEQ, ACT_EMBED))
         x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
