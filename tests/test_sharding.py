@@ -152,3 +152,11 @@ def test_presets_build_sharded_state_abstractly(size):
     assert per_device < total / 8 * 1.01  # all but LayerNorms and a few biases split 8 ways
     mu = sh.opt_state[1][0].mu  # AdamW's first moment follows its parameter
     assert mu["h"]["mlp"]["c_fc"]["kernel"] == sh.params["h"]["mlp"]["c_fc"]["kernel"]
+
+
+def test_dimensions_the_tensor_axis_does_not_divide_are_named():
+    mesh = sharding.make_mesh((1, 4, 2))
+    assert sharding.tensor_undivided(CFG, mesh) == {"act_heads": "5 heads", "act_vocab": "101 vocabulary rows"}
+    xl = get_model_config("xl", pad_vocab_multiple=128)
+    assert sharding.tensor_undivided(xl, mesh) == {"act_heads": "25 heads"}
+    assert sharding.tensor_undivided(xl, sharding.make_mesh((1, 8, 1))) == {}

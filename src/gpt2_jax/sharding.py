@@ -64,12 +64,20 @@ def logical_rules(strategy: str, mesh: Mesh | None = None, config=None) -> tuple
         "act_vocab": tp,
     }
     if mesh is not None and config is not None and tp is not None:
-        n = mesh.shape["tensor"]
-        sizes = {"act_heads": config.n_head, "act_mlp": config.n_inner, "act_vocab": config.padded_vocab_size}
-        for name, size in sizes.items():
-            if size % n:
-                rules[name] = None
+        for name in tensor_undivided(config, mesh):
+            rules[name] = None
     return tuple(rules.items())
+
+
+def tensor_undivided(config, mesh: Mesh) -> dict[str, str]:
+    """{activation axis: description} of the model dimensions that the `tensor` axis does not divide:
+    under fsdp_tp those stay whole on every tensor rank (computed redundantly)."""
+    n = mesh.shape["tensor"]
+    sizes = {
+        "act_heads": (config.n_head, "heads"), "act_mlp": (config.n_inner, "MLP width"),
+        "act_vocab": (config.padded_vocab_size, "vocabulary rows"),
+    }
+    return {name: f"{size} {what}" for name, (size, what) in sizes.items() if n > 1 and size % n}
 
 
 def parse_mesh_shape(text: str | Sequence[int]) -> tuple[int, int, int]:

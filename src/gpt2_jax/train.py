@@ -414,6 +414,12 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
             f"{jax.device_count()} {jax.devices()[0].device_kind} device(s), mesh {dict(mesh.shape)}, "
             f"{tcfg.strategy}; {tcfg.steps} steps of {tcfg.batch_size} x {seq_len} tokens; run dir {run_dir}"
         )
+        undivided = sharding.tensor_undivided(mcfg, mesh) if tcfg.strategy == "fsdp_tp" else {}
+        if undivided:
+            echo(
+                f"warning: tensor={mesh.shape['tensor']} does not divide {', '.join(undivided.values())}: "
+                "those stay whole and are computed on every tensor rank (choose a tensor size that divides them)"
+            )
         echo(f"attention: {attn}" + (" (attention dropout runs on xla)" if mcfg.attn_pdrop > 0 and attn.impl != "xla" else ""))
 
     final: dict[str, Any] = {}
