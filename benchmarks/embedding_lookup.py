@@ -17,9 +17,7 @@ logged an involuntary full rematerialization.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
 import jax
 
@@ -33,23 +31,6 @@ from gpt2_jax import costs, sharding  # noqa: E402
 from gpt2_jax.config import get_model_config  # noqa: E402
 
 MESHES = [((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"), ((1, 4, 2), "fsdp_tp"), ((2, 2, 2), "fsdp_tp")]
-REMAT = "Involuntary full rematerialization"
-
-
-def compile_logged(lower):
-    """(compiled, what XLA wrote to stderr while compiling)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            compiled = lower().compile()
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-        f.seek(0)
-        return compiled, f.read().decode(errors="replace")
 
 
 def table_grad(variant: str, V: int):
@@ -92,7 +73,7 @@ def main(argv=None) -> int:
         tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
         for variant in ("plain", "layout", "onehot"):
             fn = sharding.sharded_jit(table_grad(variant, V), mesh, rules)
-            compiled, log = compile_logged(lambda: fn.lower(wte, tokens))
+            compiled, log = costs.compile_logged(lambda: fn.lower(wte, tokens))
             text = compiled.as_text()
             flops = costs.hlo_cost(text)["flops"]
             moved = costs.collective_bytes(costs.hlo_collectives(text))
@@ -100,7 +81,7 @@ def main(argv=None) -> int:
             temp = compiled.memory_analysis().temp_size_in_bytes
             print(
                 f"| {','.join(map(str, shape))} | {strategy} | {variant} | {flops / 1e9:.1f} | {moved['all-gather'] / 2**20:.1f} | "
-                f"{moved['all-reduce'] / 2**20:.1f} | {other / 2**20:.1f} | {temp / 2**20:.1f} | {log.count(REMAT)} |",
+                f"{moved['all-reduce'] / 2**20:.1f} | {other / 2**20:.1f} | {temp / 2**20:.1f} | {log.count(costs.INVOLUNTARY_REMAT)} |",
                 flush=True,
             )
     return 0

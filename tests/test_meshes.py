@@ -4,12 +4,10 @@ finishes on each with the losses of one device."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -18,11 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt2_jax import optim, sharding, step, train
+from gpt2_jax import costs, optim, sharding, step, train
 from gpt2_jax.config import ModelConfig
 from helpers import run_losses
 
-REMAT = "Involuntary full rematerialization"
+REMAT = costs.INVOLUNTARY_REMAT
 MESHES = [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"), ((2, 2, 2), "fsdp_tp"), ((1, 4, 2), "fsdp_tp")]
 
 # Padded vocabulary (211 -> 256 rows) that tensor=2 divides, so the embedding table is sharded over
@@ -38,24 +36,6 @@ CONFIGS = {
 }
 
 
-@contextlib.contextmanager
-def xla_log():
-    """Collect what XLA writes to the process's stderr (file descriptor 2) inside the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    out: list[str] = []
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            yield out
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            f.seek(0)
-            out.append(f.read().decode(errors="replace"))
-
-
 def test_the_log_capture_sees_an_involuntary_rematerialization():
     """The check below cannot pass by not seeing the warning: the old embedding lookup (a gather from
     a table sharded over embed, its rows then constrained onto the batch axes) still triggers it."""
@@ -67,9 +47,8 @@ def test_the_log_capture_sees_an_involuntary_rematerialization():
         x = jnp.take(t, i, axis=0)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(("data", "fsdp"))))
 
-    with xla_log() as log:
-        jax.jit(lookup).lower(table, ids).compile()
-    assert REMAT in log[0]
+    _, log = costs.compile_logged(lambda: jax.jit(lookup).lower(table, ids))
+    assert REMAT in log
 
 
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
@@ -90,9 +69,8 @@ def test_no_involuntary_rematerialization(shape, strategy, config_name):
         ),
     }
     for name, lower in programs.items():
-        with xla_log() as log:
-            lower().compile()
-        assert REMAT not in log[0], f"{name} program: " + next(line for line in log[0].splitlines() if REMAT in line)
+        _, log = costs.compile_logged(lower)
+        assert REMAT not in log, f"{name} program: " + next(line for line in log.splitlines() if REMAT in line)
 
 
 # ----------------------------------------------------------------------------- the whole CLI run

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import sys
+import tempfile
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -58,6 +62,30 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
     """
     n = count_params(mcfg) - mcfg.n_ctx * mcfg.n_embd
     return 6.0 * n + 12.0 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
+
+
+# What XLA's SPMD partitioner logs when it cannot reshard a tensor efficiently and replicates it.
+INVOLUNTARY_REMAT = "Involuntary full rematerialization"
+
+
+def compile_logged(lower: Callable[[], Any]) -> tuple[Any, str]:
+    """`(lower().compile(), what XLA wrote to the process's stderr meanwhile)`.
+
+    XLA logs from C++ straight to file descriptor 2, so the descriptor itself is redirected; look
+    for `INVOLUNTARY_REMAT` in the text. A program already in JAX's compilation cache logs nothing.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            compiled = lower().compile()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        return compiled, f.read().decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------
