@@ -1,4 +1,11 @@
-"""gpt2_jax: GPT-2 in JAX/Flax. Modules: config, model, tokenizer, convert, data, sharding, optim,
-step, checkpoint, train, eval, generate, finetune, plot."""
+"""gpt2_jax: GPT-2 in JAX/Flax.
+
+Modules: config (model config, size presets), tokenizer (GPT-2's BPE), model (the transformer),
+attention (its kernel per platform), sharding (mesh, placement), optim (AdamW), step (train and
+eval steps), data (token stores, loaders), checkpoint (Orbax), convert (Hugging Face weights),
+train (the training loop), finetune (prompt/completion data), eval (the paper's zero-shot
+benchmarks), generate (sampling), prompts (the paper's generation tasks), costs (FLOPs, MFU), jsonl
+(JSON-lines input), plot (training curves).
+"""
 
 __version__ = "0.1.0"
