@@ -61,12 +61,12 @@ COVERAGE = {
         "tests/test_generate.py::test_run_task_summarize_and_translate_report_their_metrics",
         "tests/test_generate.py::test_task_cli_qa_writes_predictions"],
     'make finetune MODEL=path/to/gpt2 DATA=pairs.jsonl ARGS="steps=500 lr=3e-5"': [
-        "tests/test_generate_finetune.py::test_finetune_through_the_train_entry_point"],
+        "tests/test_finetune.py::test_finetune_through_the_train_entry_point"],
     'python -m gpt2_jax.train finetune init_from=path/to/gpt2 finetune_data=qa.jsonl "prompt_template=Q: {question}\\nA:" "completion_template= {answer}"': [
-        "tests/test_generate_finetune.py::test_finetune_through_the_train_entry_point",
-        "tests/test_generate_finetune_data.py::test_read_pairs_and_templates"],
+        "tests/test_finetune.py::test_finetune_through_the_train_entry_point",
+        "tests/test_finetune_data.py::test_read_pairs_and_templates"],
     'python -m gpt2_jax.generate --model runs/finetune-... --prompt "Q: What is 3+3? A:" --greedy': [
-        "tests/test_generate_finetune.py::test_finetuned_greedy_completions_match_training"],
+        "tests/test_finetune.py::test_finetuned_greedy_completions_match_training"],
     "python -m gpt2_jax.train small run_dir=runs/s ckpt_every=1000 ckpt_keep=3 ckpt_keep_best=1": [
         "tests/test_checkpoint_resume.py::test_exact_resume_after_sigterm"],
     "python -m gpt2_jax.checkpoint ls runs/s": ["tests/test_checkpoint.py::test_ls_lists_steps_metrics_size_and_config"],
