@@ -294,6 +294,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
         assert math.isfinite(t[task]["metrics"][metric]), task
         assert t[task]["protocol"] and len(t[task]["data"]["sha256"]) == 64
         assert f"| {task} | {metric} |" in printed
+        assert set(tasks.TASKS[task].paper) <= set(t[task]["metrics"]), task  # paper figures name its metrics
     assert t["webtext"]["counts"] == {"documents": 3, "tokens": t["webtext"]["counts"]["tokens"],
                                       "bytes": sum(len(x.encode()) for x in ["Hello world. This is a WebText document.",
                                                                           "Ünïcödé text – with “quotes” and 東京.", "x" * 700])}
@@ -312,7 +313,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
 
 
 def test_full_bytes_split_and_paper_column(scorer, data_dir):
-    res = tasks.eval_text8(scorer, Options(data_dir, split="test"))
+    res = tasks.TASKS["text8"].run(scorer, Options(data_dir, split="test"))
     assert res["counts"]["characters"] == len((data_dir / "text8" / "text8").read_bytes()) - len((data_dir / "text8" / "text8").read_bytes()) * 95 // 100
     report = {"model": {"paper_size": "117M"}, "protocol": {"limit": None},
               "tasks": {"text8": {"metrics": {"bits_per_char": 1.5}, "paper": {"bits_per_char": 1.17},

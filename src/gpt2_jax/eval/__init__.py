@@ -1,17 +1,17 @@
 """Zero-shot evaluation as in the GPT-2 paper: `python -m gpt2_jax.eval --model M --task T,...`.
 
-`scoring` holds the batched, sharded scorer and the sliding windows; `tasks` one function per data
-set with the paper's protocol beside it; `detokenize` the benchmarks' detokenizers; `cli` the
-command line, the table and the JSON report.
+`scoring` holds the batched, sharded scorer and the sliding windows; `tasks` one record per data
+set (`TASKS`: its file, code, protocol and the paper's figures); `detokenize` the benchmarks'
+detokenizers; `cli` the command line, the table and the JSON report.
 """
 
 from gpt2_jax.eval.cli import evaluate, load_model, main, params_sha256, render_table
 from gpt2_jax.eval.detokenize import count_words, moses_detokenize, ptb_detokenize, wikitext_detokenize
 from gpt2_jax.eval.scoring import Scorer, Window, sliding_windows
-from gpt2_jax.eval.tasks import PAPER_TABLE_3, TASKS, EvalError, Options
+from gpt2_jax.eval.tasks import TASKS, EvalError, EvalTask, Options
 
 __all__ = [
-    "PAPER_TABLE_3", "TASKS", "EvalError", "Options", "Scorer", "Window", "count_words", "evaluate",
+    "TASKS", "EvalError", "EvalTask", "Options", "Scorer", "Window", "count_words", "evaluate",
     "load_model", "main", "moses_detokenize", "params_sha256", "ptb_detokenize", "render_table",
     "sliding_windows", "wikitext_detokenize",
 ]

@@ -18,9 +18,7 @@ import numpy as np
 
 from gpt2_jax.config import PRESETS, ConfigError, ModelConfig
 from gpt2_jax.eval.scoring import Scorer
-from gpt2_jax.eval.tasks import (
-    DATA_DIR_ENV, KNOWN_SHA256, PAPER_SOURCE, PAPER_TABLE_3, PROTOCOLS, SPLITS, TASKS, EvalError, Options, _sha256,
-)
+from gpt2_jax.eval.tasks import DATA_DIR_ENV, PAPER_SOURCE, SPLITS, TASKS, EvalError, Options, parse_tasks
 
 PAPER_NAMES = {"small": "117M", "medium": "345M", "large": "762M", "xl": "1542M"}
 
@@ -64,14 +62,12 @@ def paper_size(cfg: ModelConfig) -> str | None:
     return None
 
 
-def parse_tasks(spec: str) -> list[str]:
-    tasks = [t.strip() for t in spec.split(",") if t.strip()]
-    if "all" in tasks:
-        return list(TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise EvalError(f"unknown task {', '.join(unknown) or repr(spec)}; valid tasks: {', '.join(TASKS)}, all")
-    return list(dict.fromkeys(tasks))
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def evaluate(
@@ -109,23 +105,22 @@ def evaluate(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tasks": {},
     }
-    for task in tasks:
+    for name in tasks:
+        task = TASKS[name]
         before, t0 = scorer.tokens_scored, time.perf_counter()
-        result = TASKS[task](scorer, opts)
+        result = task.run(scorer, opts)
         seconds = time.perf_counter() - t0
         result.pop("correct", None)
         if "file" in result.get("data", {}):
             path = Path(result["data"]["file"])
-            result["data"]["sha256"] = digest = _sha256(path)
-            known = KNOWN_SHA256.get(f"{path.parent.name}/{path.name}")
+            result["data"]["sha256"] = digest = _file_sha256(path)
+            known = task.released_sha256.get(f"{path.parent.name}/{path.name}")
             result["data"]["matches_release"] = None if known is None else digest == known
-        result["protocol"] = PROTOCOLS[task]
-        result["paper"] = {
-            metric: values[size] for (t, metric), values in PAPER_TABLE_3.items() if t == task and size
-        }
+        result["protocol"] = task.protocol
+        result["paper"] = {metric: figures[size] for metric, figures in task.paper.items()} if size else {}
         result["seconds"] = seconds
         result["tokens_per_second"] = (scorer.tokens_scored - before) / seconds if seconds else None
-        report["tasks"][task] = result
+        report["tasks"][name] = result
     return report
 
 
@@ -183,12 +178,10 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
 
 
 def _data_layout() -> str:
-    from gpt2_jax.eval.tasks import data_file
-
     lines = ["data files under --data-dir (test split shown):"]
-    for task in TASKS:
-        f = data_file(task, "test")
-        lines.append(f"  {task:<12} {f.relpath:<36} from {f.url}")
+    for task in TASKS.values():
+        f = task.data.for_split("test")
+        lines.append(f"  {task.name:<12} {f.relpath:<36} from {f.url}")
     lines.append("  (valid split: the same names with valid / valid_2000ex; enwik8/text8 split one file 90/5/5;")
     lines.append("   lm1b: without that file, the TFDS catalog's lm1b, which needs TensorFlow: pip install 'gpt2_jax[tf]')")
     return "\n".join(lines)

