@@ -19,6 +19,7 @@ from gpt2_jax.eval import (
     Options, Scorer, count_words, moses_detokenize, ptb_detokenize, sliding_windows, wikitext_detokenize,
 )
 from gpt2_jax.eval import cli, tasks
+from gpt2_jax.eval.report import paper_size, params_sha256, render_table
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
 from helpers import random_hf_gpt2
 
@@ -285,7 +286,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     assert rc == 0, captured.err
     report = json.loads(out.read_text())
     assert report["model"]["kind"] == "gpt2_jax" and report["model"]["config"]["n_ctx"] == N_CTX
-    assert report["model"]["params_sha256"] == cli.params_sha256(convert.load_hf(hf_dir)[1])
+    assert report["model"]["params_sha256"] == params_sha256(convert.load_hf(hf_dir)[1])
     t = report["tasks"]
     expected = {"webtext": "ppl_byte", "wikitext2": "ppl_word", "wikitext103": "ppl_word", "ptb": "ppl_word",
                 "lambada": "acc", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char",
@@ -318,7 +319,7 @@ def test_full_bytes_split_and_paper_column(scorer, data_dir):
     report = {"model": {"paper_size": "117M"}, "protocol": {"limit": None},
               "tasks": {"text8": {"metrics": {"bits_per_char": 1.5}, "paper": {"bits_per_char": 1.17},
                                   "data": {"matches_release": False}}}}
-    table = cli.render_table(report, compare_paper=True)
+    table = render_table(report, compare_paper=True)
     assert "paper (117M)" in table and "1.1700" in table and "1.5000" in table
     assert "(data files that differ from the released ones: text8)" in table
 
@@ -326,7 +327,7 @@ def test_full_bytes_split_and_paper_column(scorer, data_dir):
 def test_paper_size_matches_released_shapes():
     from gpt2_jax.config import get_model_config
 
-    assert [cli.paper_size(get_model_config(s)) for s in ("tiny", "small", "medium", "large", "xl")] == [
+    assert [paper_size(get_model_config(s)) for s in ("tiny", "small", "medium", "large", "xl")] == [
         None, "small", "medium", "large", "xl"]
 
 

@@ -2,16 +2,16 @@
 
 `scoring` holds the batched, sharded scorer and the sliding windows; `tasks` one record per data
 set (`TASKS`: its file, code, protocol and the paper's figures); `detokenize` the benchmarks'
-detokenizers; `cli` the command line, the table and the JSON report.
+detokenizers; `report` running tasks into the JSON report and the table; `cli` the command line.
 """
 
-from gpt2_jax.eval.cli import evaluate, load_model, main, params_sha256, render_table
 from gpt2_jax.eval.detokenize import count_words, moses_detokenize, ptb_detokenize, wikitext_detokenize
+from gpt2_jax.eval.report import evaluate, params_sha256, render_table, write_report
 from gpt2_jax.eval.scoring import Scorer, Window, sliding_windows
-from gpt2_jax.eval.tasks import TASKS, EvalError, EvalTask, Options
+from gpt2_jax.eval.tasks import TASKS, EvalError, EvalTask, Options, parse_tasks
 
 __all__ = [
     "TASKS", "EvalError", "EvalTask", "Options", "Scorer", "Window", "count_words", "evaluate",
-    "load_model", "main", "moses_detokenize", "params_sha256", "ptb_detokenize", "render_table",
-    "sliding_windows", "wikitext_detokenize",
+    "moses_detokenize", "params_sha256", "parse_tasks", "ptb_detokenize", "render_table", "sliding_windows",
+    "wikitext_detokenize", "write_report",
 ]
