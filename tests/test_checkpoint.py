@@ -22,6 +22,7 @@ import optax
 import pytest
 
 from gpt2_jax import checkpoint as C
+from gpt2_jax import weights as W
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.convert import load_hf
 from gpt2_jax.model import GPT2, stack_layers
@@ -95,7 +96,7 @@ def test_round_trip_is_exact_with_all_items(tmp_path):
     assert_trees_equal(r.state, states[5])
     assert type(r.state.opt_state[0]).__name__ == "ScaleByAdamState"  # optax's containers come back
     assert r.data_state == {"step": 5}
-    assert C._model_config_from(r.config, tmp_path) == CFG
+    assert W.config_from_saved(r.config, tmp_path) == CFG
     assert r.metrics == {"loss": 5.0}
     assert_trees_equal(ck.restore(3, C.abstract_like(states[3])).state, states[3])
 
@@ -128,20 +129,20 @@ def test_should_save_every_n(tmp_path):
 def test_load_params_from_run_step_and_params_only_dirs(tmp_path):
     states = save_steps(tmp_path / "run", [2, 3])
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "3"):
-        cfg, params = C.load_params(path)
+        cfg, params = W.load(path)
         assert cfg == CFG
         assert_trees_equal(params, states[3].params)
-    cfg, params = C.load_model(tmp_path / "run" / "checkpoints" / "2")
+    cfg, params = W.load(tmp_path / "run" / "checkpoints" / "2")
     assert_trees_equal(params, states[2].params)
-    C.save_params(tmp_path / "export", CFG, states[2].params)
-    assert_trees_equal(C.load_model(tmp_path / "export")[1], states[2].params)
+    W.save_params(tmp_path / "export", CFG, states[2].params)
+    assert_trees_equal(W.load(tmp_path / "export")[1], states[2].params)
     with pytest.raises(C.CheckpointError, match="not a gpt2_jax checkpoint"):
-        C.load_params(tmp_path)
+        W.load(tmp_path)
 
 
 def test_load_model_reads_hf_directories(tmp_path):
     random_hf_gpt2(tmp_path / "hf", vocab_size=101, n_positions=32, n_embd=60, n_layer=2, n_head=3)
-    cfg, params = C.load_model(tmp_path / "hf")
+    cfg, params = W.load(tmp_path / "hf")
     ref_cfg, ref = load_hf(tmp_path / "hf")
     assert cfg == ref_cfg
     assert_trees_equal(params, ref)
@@ -149,16 +150,16 @@ def test_load_model_reads_hf_directories(tmp_path):
 
 def test_params_for_converts_layout_and_refuses_other_shapes(tmp_path):
     params = make_state(seed=3).params
-    C.save_params(tmp_path / "p", CFG, params)
+    W.save_params(tmp_path / "p", CFG, params)
     scanned_cfg = ModelConfig(**{**CFG.to_dict(), "scan_layers": True, "pad_vocab_multiple": 8})
-    out = C.params_for(tmp_path / "p", scanned_cfg)
+    out = W.load(tmp_path / "p", scanned_cfg)[1]
     want = stack_layers(params, CFG.n_layer)
     assert out["wte"].shape == (104, 60)
     np.testing.assert_array_equal(out["wte"][:101], want["wte"])
     np.testing.assert_array_equal(out["wte"][101:], 0)
     np.testing.assert_array_equal(out["h"]["mlp"]["c_fc"]["kernel"], want["h"]["mlp"]["c_fc"]["kernel"])
     with pytest.raises(C.CheckpointError, match="n_layer=2 \\(run has 3\\)"):
-        C.params_for(tmp_path / "p", ModelConfig(**{**CFG.to_dict(), "n_layer": 3}))
+        W.load(tmp_path / "p", ModelConfig(**{**CFG.to_dict(), "n_layer": 3}))
 
 
 def _array_files(step_dir: Path) -> list[Path]:

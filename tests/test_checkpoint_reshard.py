@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import checkpoint as C
+from gpt2_jax import weights as W
 from gpt2_jax import optim, sharding, step
 from gpt2_jax.config import ModelConfig, get_model_config
 from gpt2_jax.model import count_params
@@ -98,7 +99,7 @@ def _save_and_restore_full_state(tmp_path, cfg):
     for got, want in zip(jax.tree.leaves(r.state), jax.tree.leaves(shardings)):
         assert got.sharding == want
     jax.tree.map(np.testing.assert_array_equal, _host(r.state), saved)
-    assert C.load_params(tmp_path)[0] == cfg
+    assert W.load(tmp_path)[0] == cfg
 
 
 def test_full_state_tiny(tmp_path):

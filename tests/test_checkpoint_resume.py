@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import checkpoint as C
+from gpt2_jax import weights as W
 from helpers import run_losses as losses
 from test_checkpoint import _array_files, _make_read_only, _make_writable
 
@@ -37,7 +38,7 @@ async def finalize(self):
         time.sleep(3600)
     return await original(self)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
-from gpt2_jax.train import main
+from gpt2_jax.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -85,7 +86,7 @@ def reference(tmp_path_factory, env):
     run_dir = tmp_path_factory.mktemp("A")
     code, out = run(run_dir, env)
     assert code == 0, out
-    return losses(run_dir), C.load_params(run_dir)[1]
+    return losses(run_dir), W.load(run_dir)[1]
 
 
 def assert_same_as_reference(run_dir, reference, first_step):
@@ -94,7 +95,7 @@ def assert_same_as_reference(run_dir, reference, first_step):
     assert sorted(got) == list(range(1, 41))
     assert {s: got[s] for s in range(first_step, 41)} == {s: ref_losses[s] for s in range(first_step, 41)}
     assert C.Checkpointer(run_dir, read_only=True).latest_step() == 40
-    params = C.load_params(run_dir)[1]
+    params = W.load(run_dir)[1]
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
         assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
 

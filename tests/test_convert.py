@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import random_hf_gpt2
 
-from gpt2_jax import checkpoint, config, convert, model
+from gpt2_jax import checkpoint, config, convert, model, weights
 
 
 def _cli(*args):
@@ -76,7 +76,7 @@ def test_cli_from_hf_to_hf_round_trip(tmp_path):
     assert _cli("inspect", tmp_path / "hf").returncode == 0
     proc = _cli("from-hf", tmp_path / "hf", tmp_path / "ckpt")
     assert proc.returncode == 0, proc.stderr
-    cfg, params = checkpoint.load_params(tmp_path / "ckpt")
+    cfg, params = weights.load(tmp_path / "ckpt")
     assert _cli("to-hf", tmp_path / "ckpt", tmp_path / "hf2").returncode == 0
     jax.tree.map(np.testing.assert_array_equal, convert.load_hf(tmp_path / "hf2")[1], convert.load_hf(tmp_path / "hf")[1])
     assert cfg == convert.load_hf(tmp_path / "hf")[0]
@@ -100,6 +100,6 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_save_params_refuses_existing(tmp_path):
     cfg = config.get_model_config("tiny", vocab_size=11, n_layer=1, n_embd=16, n_head=2, n_ctx=8)
     params = model.init_params(cfg, jax.random.key(0))
-    checkpoint.save_params(tmp_path / "c", cfg, params)
+    weights.save_params(tmp_path / "c", cfg, params)
     with pytest.raises(checkpoint.CheckpointError, match="already exists"):
-        checkpoint.save_params(tmp_path / "c", cfg, params)
+        weights.save_params(tmp_path / "c", cfg, params)

@@ -111,7 +111,7 @@ def test_two_processes_resume_exactly(tmp_path, shared_data):
     3 checkpoint repeats steps 4..6 of the straight run bit for bit."""
     import jax
 
-    from gpt2_jax import checkpoint
+    from gpt2_jax import checkpoint, weights
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
@@ -126,14 +126,14 @@ def test_two_processes_resume_exactly(tmp_path, shared_data):
     assert sorted(straight) == [1, 2, 3, 4, 5, 6] and checkpoint.complete_steps(ckpts) == [3, 6]
     data = checkpoint.read_json_item(ckpts / "3", "data")["processes"]
     assert [d["loader"]["shard_index"] for d in data] == [0, 1]
-    want = checkpoint.load_params(ckpts / "6")[1]
+    want = weights.load(ckpts / "6")[1]
     (ckpts / "6").rename(tmp_path / "6")  # as if the run had died after its step 3 checkpoint
 
     out = _train_two_processes(run_dir, env)
     assert "resumed from checkpoint step 3" in out
     again = run_losses(run_dir)  # the resumed run's records of steps 4..6 come last and win
     assert {s: again[s] for s in (4, 5, 6)} == {s: straight[s] for s in (4, 5, 6)}
-    got = checkpoint.load_params(ckpts / "6")[1]
+    got = weights.load(ckpts / "6")[1]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

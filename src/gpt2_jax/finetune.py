@@ -164,49 +164,7 @@ def split_validation(examples: list, min_examples: int = 20, fraction: float = 0
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks used by gpt2_jax.train (init_from=, finetune_data=)
-
-# ModelConfig fields that describe numerics or memory layout rather than the weights, taken from the
-# training configuration when starting from a checkpoint; everything else comes from the checkpoint.
-_RUN_FIELDS = ("dtype", "embd_pdrop", "attn_pdrop", "resid_pdrop", "scan_layers", "remat_policy", "attention")
-
-
-def load_init(path: str, run_config):
-    """(ModelConfig, params) to start training from: the checkpoint's shape, the run's numerics.
-
-    `path` is anything `checkpoint.load_model` accepts (params checkpoint, run or step directory,
-    HF GPT-2 directory). Params are converted to the layer layout the run uses.
-    """
-    from gpt2_jax import checkpoint
-    from gpt2_jax.model import stack_layers, unstack_layers
-
-    try:
-        cfg, params = checkpoint.load_model(path)
-    except checkpoint.CheckpointError as e:
-        raise ConfigError(f"init_from={path}: {e}") from None
-    cfg = _with_run_numerics(cfg, run_config)
-    if cfg.scan_layers and "h" not in params:
-        params = stack_layers(params, cfg.n_layer)
-    elif not cfg.scan_layers and "h" in params:
-        params = unstack_layers(params)
-    return cfg, params
-
-
-def init_config(path: str, run_config):
-    """The ModelConfig `load_init` would return, read without loading the weights (for a run that
-    resumes from its own checkpoint and so does not need them)."""
-    from gpt2_jax import checkpoint
-
-    try:
-        return _with_run_numerics(checkpoint.load_model_config(path), run_config)
-    except checkpoint.CheckpointError as e:
-        raise ConfigError(f"init_from={path}: {e}") from None
-
-
-def _with_run_numerics(cfg, run_config):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **{k: getattr(run_config, k) for k in _RUN_FIELDS})
+# The fine-tuning data of gpt2_jax.train (finetune_data=); init_from= weights come from gpt2_jax.weights
 
 
 def load_data(tcfg, mcfg, eval_batch_size: int):

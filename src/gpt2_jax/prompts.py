@@ -25,7 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2_jax import jsonl
+from tqdm import tqdm
+
+from gpt2_jax import files, jsonl
+from gpt2_jax.tokenizer import get_tokenizer
 
 
 class TaskError(ValueError):
@@ -188,8 +191,6 @@ def _example_pair(task: str, rec: dict) -> tuple[str, str]:
 
 def task_prompts(task: str, records: Sequence[dict], examples: Sequence[dict], room: int) -> list[list[int]]:
     """Token prompts for `records`; the oldest in-context examples are dropped until one fits `room`."""
-    from gpt2_jax.tokenizer import get_tokenizer
-
     enc = get_tokenizer()
     pairs = [_example_pair(task, r) for r in examples]
     out = []
@@ -226,11 +227,6 @@ def score(task: str, predictions: Sequence[str], records: Sequence[dict]) -> dic
 def run_task(gen, task: str, records: list[dict], sampling, *, shots: int | None = None, limit: int | None = None,
              batch_size: int = 8, seed: int = 0, truncate: str = "error", output: str | None = None) -> dict[str, Any]:
     """Generate and score a task over records; optionally write predictions as jsonl (atomically)."""
-    from tqdm import tqdm
-
-    from gpt2_jax.generate import atomic_write_text
-    from gpt2_jax.tokenizer import get_tokenizer
-
     t = TASKS[task]
     shots = t.default_shots if shots is None else shots
     if shots < 0 or (task == "summarize" and shots):
@@ -261,6 +257,6 @@ def run_task(gen, task: str, records: list[dict], sampling, *, shots: int | None
             json.dumps({**rec, "prediction": pred, "generation": gen_text}, ensure_ascii=False)
             for rec, pred, gen_text in zip(scored, predictions, generations)
         ]
-        atomic_write_text(output, "\n".join(lines) + "\n")
+        files.write_text(output, "\n".join(lines) + "\n")
     return {"task": task, "records": len(scored), "shots": shots, "sampling": dataclasses.asdict(sampling),
             "metrics": metrics}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import tokenizer
+from gpt2_jax import files, tokenizer
 from gpt2_jax.data.sources import DataError, build, decode_text, resolve_dirs, warn
 
 FORMAT = "gpt2_jax.tokens.v1"
@@ -37,17 +37,8 @@ _READ_CHUNK = 64
 SMALL_CORPUS_BYTES = 32 << 20
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    files.write_json(path, obj, indent=1)
 
 
 def _store_name(builder, feature: str, description: dict) -> str:
@@ -76,10 +67,9 @@ def _tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
     enc = tokenizer.get_tokenizer()
     source = _data_source(task["tfds_dir"], task["split"])
     bin_path = Path(task["bin"])
-    tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     digest, n_tokens, n_bytes, replaced = hashlib.sha256(), 0, 0, Counter()
     eot = np.array([tokenizer.EOT_ID], DTYPE)
-    with open(tmp, "wb") as f:
+    with files.atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
         for lo in range(task["start"], task["stop"], _READ_CHUNK):
             records = source.__getitems__(list(range(lo, min(lo + _READ_CHUNK, task["stop"]))))
             for i, record in enumerate(records, lo):
@@ -98,9 +88,6 @@ def _tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
                     digest.update(data)
                 n_tokens += len(ids) + 1
                 n_bytes += len(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, bin_path)
     record = {
         "file": bin_path.name, "split": task["split"], "documents": [task["start"], task["stop"]],
         "tokens": n_tokens, "text_bytes": n_bytes, "sha256": digest.hexdigest(),

@@ -9,24 +9,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gpt2_jax import weights
+from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.eval.report import evaluate, render_table, write_report
 from gpt2_jax.eval.tasks import DATA_DIR_ENV, SPLITS, TASKS, EvalError, Options, parse_tasks
 
 
 def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Any, str]:
-    """(config, params, kind) from an HF GPT-2 directory, a params-only checkpoint, a training run
-    or a step directory of one (resolved by `checkpoint.load_model`)."""
-    from gpt2_jax import checkpoint
-
+    """(config, params, kind) of `--model` through the one loader (`weights.load`); kind is
+    "huggingface" for an HF directory and "gpt2_jax" for the project's own checkpoints."""
     path = Path(path)
     if not path.is_dir():
         raise EvalError(f"--model {path}: not a directory")
-    hf_weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    kind = "huggingface" if any((path / w).is_file() for w in hf_weights) else "gpt2_jax"
     try:
-        config, params = checkpoint.load_model(path)
-    except (checkpoint.CheckpointError, ConfigError, OSError) as e:
+        kind = "huggingface" if weights.kind(path) == "huggingface" else "gpt2_jax"
+        config, params = weights.load(path)
+    except (CheckpointError, ConfigError, OSError) as e:
         raise EvalError(f"--model {path}: {e}") from e
     return config, params, kind
 

@@ -154,30 +154,3 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
             raise ConfigError(f"override {a!r} is not of the form key=value")
         out[key.replace("-", "_")] = value
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gpt2_jax.config SIZE [key=value ...]`: print a resolved config and its size."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.config", description="Print the resolved model config of a size preset."
-    )
-    parser.add_argument("size", help=f"one of: {', '.join(SIZES)}")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="ModelConfig fields to override")
-    args = parser.parse_args(argv)
-    try:
-        cfg = get_model_config(args.size, **parse_overrides(args.overrides))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from gpt2_jax.model import count_params
-
-    print(cfg.to_json())
-    print(f"{args.size}: {count_params(cfg):,} parameters")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,12 +17,12 @@ temporary folder that the next run deletes. Old checkpoints are deleted by *this
 once a newer one is complete on disk: a failed or interrupted save never costs an earlier one.
 
 A params-only checkpoint is a directory holding `config.json` (the `ModelConfig`) and `params/`
-(an Orbax PyTree checkpoint). It is written into a temporary sibling and renamed into place.
+(an Orbax PyTree checkpoint); `gpt2_jax.weights` writes and reads it through the params-item
+functions below. Loading a model from any of these is `gpt2_jax.weights.load`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -40,8 +40,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from gpt2_jax.config import ConfigError, ModelConfig
-
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
@@ -58,51 +56,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or of the wrong kind."""
 
 
-def _warn(msg: str) -> None:
+def warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
-# Params-only checkpoints
+# Params items (what `gpt2_jax.weights` reads and writes; it decides what a path holds)
 # --------------------------------------------------------------------------------------------
 
 
-def save_params(path: str | os.PathLike, config: ModelConfig, params: Any) -> Path:
-    """Write a params-only checkpoint to `path` (which must not exist yet)."""
-    path = Path(path).absolute()
-    if path.exists():
-        raise CheckpointError(f"{path} already exists; choose a new directory")
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        (tmp / CONFIG_FILE).write_text(config.to_json())
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
-        ckptr.wait_until_finished()
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+def save_params_dir(params_dir: Path, params: Any) -> None:
+    """Write a params tree as an Orbax PyTree directory (host copies of the arrays)."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(params_dir, jax.tree.map(np.asarray, params))
+    ckptr.wait_until_finished()
 
 
-def _model_config_from(d: Any, where: Path) -> ModelConfig:
-    """The ModelConfig inside a saved config: a ModelConfig dict, or a run config with a "model" part."""
-    if isinstance(d, dict) and isinstance(d.get("model"), dict):
-        d = d["model"]
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: not a valid model config (expected a JSON object)")
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    # The attention implementation a run recorded is its device's (cudnn, splash): where the model
-    # is loaded, the platform there chooses again.
-    d = {**d, "attention": "auto"}
-    try:
-        return ModelConfig.from_dict({k: v for k, v in d.items() if k in fields})
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{where}: not a valid model config ({e})") from e
-
-
-def _restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None) -> Any:
+def restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None = None) -> Any:
     """Restore an Orbax PyTree directory onto `sharding` (default: this process's first device).
 
     The target is built from the saved metadata, so the device count at save time does not matter.
@@ -117,12 +87,12 @@ def _restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None
         args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
         return handler.restore(params_dir, args=args)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"{params_dir}: cannot be restored ({type(e).__name__}: {_short(e)})") from e
+        raise CheckpointError(f"{params_dir}: cannot be restored ({type(e).__name__}: {short_error(e)})") from e
     finally:
         handler.close()
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     """One line of an exception's message; long TensorStore messages keep their tail (the OS error)."""
     text = " ".join(str(e).split())
     if not text:
@@ -130,12 +100,9 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 
-def _is_step_dir(path: Path) -> bool:
-    return path.is_dir() and path.name.isdigit() and (path / PARAMS_DIR).is_dir()
-
-
-def _checkpoints_dir_of(path: Path) -> Path | None:
+def checkpoints_dir_of(path: Path) -> Path | None:
     """`path`'s checkpoints folder if `path` is a run directory or that folder itself."""
+    path = Path(path)
     if (path / CHECKPOINTS_DIR).is_dir():
         return path / CHECKPOINTS_DIR
     if path.name == CHECKPOINTS_DIR and path.is_dir():
@@ -150,63 +117,6 @@ def complete_steps(checkpoints_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _is_params_only(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
-
-
-def _params_only_config(path: Path) -> ModelConfig:
-    try:
-        raw = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: not a valid model config ({e})") from e
-    return _model_config_from(raw, path / CONFIG_FILE)
-
-
-def _run_steps(path: Path, ckpt_dir: Path) -> list[int]:
-    steps = complete_steps(ckpt_dir)
-    if not steps:
-        raise CheckpointError(f"{path} is a run directory without any complete checkpoint")
-    return steps
-
-
-def _not_a_checkpoint(path: Path) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is not a gpt2_jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/, "
-        f"a run directory with {CHECKPOINTS_DIR}/, or a step directory of one)"
-    )
-
-
-def load_params(
-    path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
-) -> tuple[ModelConfig, Any]:
-    """Load `(config, params)` from a params-only checkpoint, a training run directory (its newest
-    readable checkpoint) or one step directory of a run (`RUN_DIR/checkpoints/<step>`).
-
-    Arrays are placed on `sharding` (default: the first local device), whatever mesh saved them.
-    """
-    path = Path(path).absolute()
-    if _is_params_only(path):
-        return _params_only_config(path), _restore_params_dir(path / PARAMS_DIR, sharding)
-    if _is_step_dir(path):
-        return config_of_step(path), _restore_params_dir(path / PARAMS_DIR, sharding)
-    ckpt_dir = _checkpoints_dir_of(path)
-    if ckpt_dir is None:
-        raise _not_a_checkpoint(path)
-    errors = []
-    for step in reversed(_run_steps(path, ckpt_dir)):
-        try:
-            return load_params(ckpt_dir / str(step), sharding=sharding)
-        except CheckpointError as e:
-            _warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({e}); trying the previous one")
-            errors.append(str(e))
-    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
-
-
-def config_of_step(step_dir: Path) -> ModelConfig:
-    """The ModelConfig saved in a training checkpoint's `config` item."""
-    return _model_config_from(read_json_item(step_dir, "config"), step_dir / "config")
-
-
 def read_json_item(step_dir: Path, name: str) -> Any:
     """A JSON item (`config`, `data`, `structure`, `metrics`) of a step directory, or None if absent."""
     item = step_dir / name
@@ -215,90 +125,13 @@ def read_json_item(step_dir: Path, name: str) -> Any:
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler(filename=_json_filename(name))).restore(item)
     except Exception as e:  # a damaged or truncated JSON file
-        raise CheckpointError(f"{item}: cannot be read ({type(e).__name__}: {_short(e)})") from e
+        raise CheckpointError(f"{item}: cannot be read ({type(e).__name__}: {short_error(e)})") from e
 
 
 def _json_filename(name: str) -> str:
     # Orbax's JSON handler stores its object in a file named "metadata"; the metrics item that the
     # CheckpointManager writes names its file "metrics".
     return "metrics" if name == "metrics" else "metadata"
-
-
-def _is_hf_dir(path: Path) -> bool:
-    """An HF GPT-2 directory: a `config.json` with "n_embd", and no params/ or checkpoints/ beside it."""
-    cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file() or (path / PARAMS_DIR).exists() or (path / CHECKPOINTS_DIR).is_dir():
-        return False
-    try:
-        return "n_embd" in json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
-        return False
-
-
-def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, Any]:
-    """Load `(config, params)` from anything a user may pass as `--model`: an HF GPT-2 directory
-    (`config.json` with "n_embd", weights in safetensors/PyTorch format), a params-only checkpoint,
-    a training run directory or a step directory of one."""
-    path = Path(path)
-    if _is_hf_dir(path):
-        from gpt2_jax.convert import ConversionError, load_hf
-
-        try:
-            return load_hf(path)
-        except ConversionError as e:
-            raise CheckpointError(str(e)) from e
-    return load_params(path, **kwargs)
-
-
-def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of anything `load_model` accepts, without reading any weights (for a run
-    directory: the config of its newest checkpoint)."""
-    path = Path(path).absolute()
-    if _is_hf_dir(path):
-        from gpt2_jax.convert import ConversionError, config_from_hf
-
-        try:
-            return config_from_hf(json.loads((path / CONFIG_FILE).read_text()))
-        except (ConversionError, KeyError) as e:
-            raise CheckpointError(f"{path / CONFIG_FILE}: not a GPT-2 config ({_short(e)})") from e
-    if _is_params_only(path):
-        return _params_only_config(path)
-    if _is_step_dir(path):
-        return config_of_step(path)
-    ckpt_dir = _checkpoints_dir_of(path)
-    if ckpt_dir is None:
-        raise _not_a_checkpoint(path)
-    return config_of_step(ckpt_dir / str(_run_steps(path, ckpt_dir)[-1]))
-
-
-def params_for(path: str | os.PathLike, config: ModelConfig) -> Any:
-    """Params from `path` (see `load_model`) in the layout and dtype of `config`, for fine-tuning.
-
-    The architecture (layers, width, heads, context, vocabulary) must match; scanned and per-layer
-    layouts are converted into each other.
-    """
-    import flax.linen as nn
-
-    from gpt2_jax.model import abstract_params, stack_layers, unstack_layers
-
-    src_cfg, params = load_model(path)
-    keys = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
-    diff = [f"{k}={getattr(src_cfg, k)} (run has {getattr(config, k)})" for k in keys if getattr(src_cfg, k) != getattr(config, k)]
-    if diff:
-        raise CheckpointError(f"{path} does not fit this model: {', '.join(diff)}")
-    if "h" in params and not config.scan_layers:
-        params = unstack_layers(params)
-    elif "h" not in params and config.scan_layers:
-        params = stack_layers(params, config.n_layer)
-    target = nn.meta.unbox(abstract_params(config))
-    if src_cfg.padded_vocab_size != config.padded_vocab_size:
-        wte = np.asarray(params["wte"])[: config.vocab_size]
-        pad = np.zeros((config.padded_vocab_size - config.vocab_size, config.n_embd), wte.dtype)
-        params = {**params, "wte": np.concatenate([wte, pad])}
-    try:
-        return jax.tree.map(lambda t, x: jnp.asarray(x, dtype=t.dtype).reshape(t.shape), target, params)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: parameter tree does not match the model ({_short(e)})") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,9 +314,9 @@ class Checkpointer:
             if TMP_SUFFIX in p.name:
                 try:
                     shutil.rmtree(p)
-                    _warn(f"removed unfinished checkpoint folder {p} (the save was interrupted)")
+                    warn(f"removed unfinished checkpoint folder {p} (the save was interrupted)")
                 except OSError as e:
-                    _warn(f"warning: cannot remove unfinished checkpoint folder {p}: {e}")
+                    warn(f"warning: cannot remove unfinished checkpoint folder {p}: {e}")
 
     def steps(self) -> list[int]:
         """Complete checkpoint steps on disk, ascending."""
@@ -521,7 +354,7 @@ class Checkpointer:
         self.failed_steps.append(step)
         kept = self.steps()
         where = f"earlier checkpoints are intact: steps {kept}" if kept else "no earlier checkpoint exists"
-        _warn(f"error: checkpoint for step {step} was NOT saved: {why}; {where}")
+        warn(f"error: checkpoint for step {step} was NOT saved: {why}; {where}")
 
     def wait(self) -> bool:
         """Block until the save in flight is on disk; report it if it failed. Returns success."""
@@ -531,7 +364,7 @@ class Checkpointer:
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # the async write raised: disk full, I/O error, ...
-            self._report_failure(step, f"{type(e).__name__}: {_short(e)}")
+            self._report_failure(step, f"{type(e).__name__}: {short_error(e)}")
             if jax.process_index() == 0:  # free the space the partial write took
                 shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
             return False
@@ -582,7 +415,7 @@ class Checkpointer:
         try:
             self._mgr.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # directory creation or the synchronous copy failed
-            self._report_failure(step, f"{type(e).__name__}: {_short(e)}")
+            self._report_failure(step, f"{type(e).__name__}: {short_error(e)}")
             shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
             return False
         self._pending = step
@@ -607,7 +440,7 @@ class Checkpointer:
                 try:
                     self._mgr.delete(info.step)
                 except Exception as e:  # deletion is housekeeping: never fatal
-                    _warn(f"warning: cannot delete old checkpoint step {info.step}: {_short(e)}")
+                    warn(f"warning: cannot delete old checkpoint step {info.step}: {short_error(e)}")
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -628,7 +461,7 @@ class Checkpointer:
             state = _join_state(abstract_state, {k: r[k] for k in ARRAY_ITEMS})
             jax.block_until_ready(state)
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files
-            raise CheckpointError(f"{step_dir}: cannot be restored ({type(e).__name__}: {_short(e)})") from e
+            raise CheckpointError(f"{step_dir}: cannot be restored ({type(e).__name__}: {short_error(e)})") from e
         data_states = r["data"].get("processes") if isinstance(r["data"], dict) else r["data"]
         if data_states is not None and not (isinstance(data_states, list) and all(isinstance(d, dict) for d in data_states)):
             raise CheckpointError(f"{step_dir / 'data'}: not a list of data iterator states")
@@ -642,13 +475,13 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_state)
             except CheckpointError as e:
-                _warn(f"warning: newest checkpoint is damaged: {e}")
+                warn(f"warning: newest checkpoint is damaged: {e}")
                 if not self.read_only and jax.process_index() == 0:
                     dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
                     shutil.rmtree(dst, ignore_errors=True)
                     os.replace(self.directory / str(step), dst)
                     self._mgr.reload()
-                    _warn(f"moved it to {dst}; falling back to the previous checkpoint")
+                    warn(f"moved it to {dst}; falling back to the previous checkpoint")
         return None
 
     def close(self) -> bool:
@@ -720,7 +553,7 @@ class PreemptionGuard:
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
-        _warn(f"{self.signal_name} received: finishing the current step, then saving a checkpoint "
+        warn(f"{self.signal_name} received: finishing the current step, then saving a checkpoint "
               "(send SIGINT again to abort without saving)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -736,7 +569,7 @@ class PreemptionGuard:
 
 
 # --------------------------------------------------------------------------------------------
-# `python -m gpt2_jax.checkpoint ls RUN_DIR`
+# What `python -m gpt2_jax.checkpoint ls RUN_DIR` prints
 # --------------------------------------------------------------------------------------------
 
 
@@ -750,7 +583,7 @@ def _human(n: int) -> str:
 
 def list_run(run_dir: Path) -> str:
     """A table of a run's checkpoints: step, time, size, metrics; then the config of the newest."""
-    ckpt_dir = _checkpoints_dir_of(run_dir)
+    ckpt_dir = checkpoints_dir_of(run_dir)
     if ckpt_dir is None:
         if not run_dir.exists():
             raise CheckpointError(f"{run_dir} does not exist")
@@ -788,23 +621,3 @@ def list_run(run_dir: Path) -> str:
         lines.append(f"config of step {steps[-1]}:")
         lines.append(json.dumps(cfg, indent=2, sort_keys=True) if isinstance(cfg, dict) else str(cfg))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.checkpoint", description="Inspect the checkpoints of a training run."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ls", help="list a run's checkpoints: step, time, size, metrics, and its config")
-    p.add_argument("run_dir", help="training run directory (holding checkpoints/) or its checkpoints/ folder")
-    args = parser.parse_args(argv)
-    try:
-        print(list_run(Path(args.run_dir).absolute()))
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

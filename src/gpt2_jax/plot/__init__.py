@@ -1,4 +1,4 @@
-"""Training curves from a run's metrics.jsonl: `python -m gpt2_jax.plot RUN_DIR` writes a PNG.
+"""Training curves from a run's metrics.jsonl, as a PNG (`python -m gpt2_jax.plot RUN_DIR`).
 
 Panels: training and validation loss, learning rate, and throughput (tokens/s, plus MFU when the
 run measured it). Lines of metrics.jsonl that are not JSON objects with a `step` are skipped and
@@ -7,13 +7,13 @@ counted, so a run killed mid-write still plots.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from gpt2_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,6 +53,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Draw the run's curves to `out` (default RUN_DIR/curves.png), written atomically."""
+    # matplotlib is imported only to draw: it adds about half a second to every import of this module.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,31 +84,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         twin.set_ylabel("MFU (%)")
     fig.suptitle(str(Path(run_dir).resolve().name))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.plot",
-        description="Plot training/validation loss, learning rate and throughput of a run to PNG.",
-    )
-    parser.add_argument("run_dir", help="run directory holding metrics.jsonl (written by gpt2_jax.train)")
-    parser.add_argument("--out", help="output PNG path (default: RUN_DIR/curves.png)")
-    args = parser.parse_args(argv)
-    try:
-        records, skipped = read_metrics(args.run_dir)
-        out = plot_run(args.run_dir, args.out)
-    except (PlotError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    note = f" ({skipped} unreadable lines skipped)" if skipped else ""
-    print(f"wrote {out} from {len(records)} steps{note}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

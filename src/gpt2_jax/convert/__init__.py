@@ -1,68 +1,43 @@
-"""Hugging Face GPT-2 weights in and out: `load_hf` / `save_hf`, and the `convert` command.
+"""Hugging Face GPT-2 weights in and out: `load_hf` / `save_hf` (the command line is `cli`).
 
 HF's GPT-2 stores OpenAI's Conv1D weights as [in, out], the same layout as our kernels, so the
 only changes are reshapes exposing the head axis of the attention weights. Reading safetensors
 needs neither torch nor TensorFlow; `pytorch_model.bin` is read with `weights_only=True` when
-torch is importable (never unpickled arbitrarily).
+torch is importable (never unpickled arbitrarily). Loading any model, HF or not, goes through
+`gpt2_jax.weights`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import struct
-import sys
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
+from gpt2_jax import files
 from gpt2_jax.config import ConfigError, ModelConfig
+from gpt2_jax.model import unstack_layers
 
 
 class ConversionError(ValueError):
     """A directory that is not a usable GPT-2 checkpoint."""
 
 
-_ST_DTYPES = {
-    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-    "I64": np.int64, "I32": np.int32, "U8": np.uint8, "BOOL": np.bool_,
-}
-_MAX_HEADER = 100 * 1024 * 1024
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read a .safetensors file into numpy arrays, checking every offset against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER, size - 8):
-            raise ConversionError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path}: corrupt safetensors header ({e})") from e
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in _ST_DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ConversionError(f"{path}: tensor {name} lies outside the file (truncated download?)")
-        out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
-    return out
+    """Read a .safetensors file into numpy arrays with the `safetensors` library (which checks the
+    header and every tensor's extent against the file)."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError for a damaged header or a file cut short
+        raise ConversionError(f"{path}: not a complete safetensors file (truncated download?): {' '.join(str(e).split())}") from e
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -128,6 +103,8 @@ def _expect(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], wher
     x = state[key]
     if tuple(x.shape) != shape:
         raise ConversionError(f"{where}: weight {key} has shape {tuple(x.shape)}, config.json implies {shape}")
+    if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
+        raise ConversionError(f"{where}: weight {key} is stored as {x.dtype}; GPT-2 weights are floating point")
     return np.asarray(x, dtype=np.float32)
 
 
@@ -213,21 +190,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_hf(config: ModelConfig, params: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Write params as an HF GPT-2 directory (config.json + model.safetensors), each file atomically."""
-    from safetensors.numpy import save_file
-
-    from gpt2_jax.model import unstack_layers
-
     if "h" in params:
         params = unstack_layers(params)
     D = config.n_embd
@@ -254,56 +218,7 @@ def save_hf(config: ModelConfig, params: dict[str, Any], out_dir: str | os.PathL
         })
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf_config_dict(config), indent=2)))
+    with files.atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    files.write_text(out / "config.json", json.dumps(hf_config_dict(config), indent=2))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.convert",
-        description="Convert GPT-2 weights between Hugging Face directories and gpt2_jax checkpoints.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="check an HF GPT-2 directory and print its config and size")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
-    p = sub.add_parser("from-hf", help="HF GPT-2 directory -> gpt2_jax params-only checkpoint")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or pytorch_model.bin)")
-    p.add_argument("out", help="output checkpoint directory (must not exist)")
-    p = sub.add_parser("to-hf", help="gpt2_jax checkpoint -> HF GPT-2 directory (loads with from_pretrained)")
-    p.add_argument("checkpoint", help="a gpt2_jax params-only checkpoint, training checkpoint or run directory")
-    p.add_argument("out", help="output HF directory")
-    args = parser.parse_args(argv)
-
-    from gpt2_jax import checkpoint
-
-    try:
-        if args.command == "inspect":
-            cfg, params = load_hf(args.hf_dir)
-            n = sum(np.asarray(x).size for x in _leaves(params)) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
-            print(json.dumps(cfg.to_dict(), indent=2))
-            print(f"{args.hf_dir}: GPT-2 with {n:,} parameters")
-        elif args.command == "from-hf":
-            cfg, params = load_hf(args.hf_dir)
-            out = checkpoint.save_params(args.out, cfg, params)
-            print(f"wrote {out}")
-        else:
-            cfg, params = checkpoint.load_params(args.checkpoint)
-            out = save_hf(cfg, params, args.out)
-            print(f"wrote {out}")
-    except (ConversionError, ConfigError, checkpoint.CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,3 @@
+from gpt2_jax.checkpoint.cli import main
+
+raise SystemExit(main())

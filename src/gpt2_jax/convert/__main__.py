@@ -1,0 +1,3 @@
+from gpt2_jax.convert.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Whole-file writes that are never seen half done: a temporary sibling, then one rename.
+
+Every output the project writes as a whole (configs, reports, predictions, plots, token shards,
+converted weights, params-only checkpoints) goes through `atomic_path`, so a crash or a full disk
+leaves either the old file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file (or create a directory) at; on success
+    it is renamed to `path`, on an exception it is removed.
+
+    The temporary name keeps the suffix (matplotlib and others pick the format from it).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = True, allow_nan: bool = True) -> None:
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")

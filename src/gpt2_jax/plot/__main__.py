@@ -1,0 +1,3 @@
+from gpt2_jax.plot.cli import main
+
+raise SystemExit(main())
