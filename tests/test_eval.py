@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_jax import checkpoint, convert
+from gpt2_jax import convert, weights
 from gpt2_jax.eval import (
     Options, Scorer, count_words, moses_detokenize, ptb_detokenize, sliding_windows, wikitext_detokenize,
 )
@@ -276,7 +276,7 @@ def data_dir(tmp_path_factory, shared_data):
 
 
 def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
-    ckpt = checkpoint.save_params(tmp_path / "ckpt", *convert.load_hf(hf_dir))  # the gpt2_jax checkpoint path
+    ckpt = weights.save_params(tmp_path / "ckpt", *convert.load_hf(hf_dir))  # the gpt2_jax checkpoint path
     out = tmp_path / "report.json"
     rc = cli.main(["--model", str(ckpt), "--task", "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b",
                    "--data-dir", str(data_dir), "--split", "valid", "--limit", "12", "--compare", "paper",

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import random_hf_gpt2
 
-from gpt2_jax import checkpoint, config, convert, generate, model
+from gpt2_jax import config, convert, generate, model, weights
+from gpt2_jax.generate import cli as generate_cli
 from gpt2_jax.generate import GenerationError, Generator, SamplingConfig
 from gpt2_jax.model import GPT2
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
@@ -30,7 +31,7 @@ def text_model(tmp_path_factory):
     """A small random model with GPT-2's real vocabulary, saved as a params-only checkpoint."""
     cfg = config.get_model_config("tiny", n_ctx=64, n_embd=48, n_head=3, n_layer=2)
     params = model.init_params(cfg, jax.random.key(0))
-    path = checkpoint.save_params(tmp_path_factory.mktemp("ckpt") / "model", cfg, params)
+    path = weights.save_params(tmp_path_factory.mktemp("ckpt") / "model", cfg, params)
     return cfg, params, path
 
 
@@ -296,14 +297,14 @@ def test_bad_prompts(hf_pair):
 )
 def test_cli_one_line_errors(text_model, capsys, argv, msg):
     _, _, path = text_model
-    rc = generate.main(["--model", str(path), *argv])
+    rc = generate_cli.main(["--model", str(path), *argv])
     err = capsys.readouterr().err.strip()
     assert rc != 0
     assert err.startswith("error: ") and "\n" not in err and msg in err, err
 
 
 def test_cli_missing_model(capsys):
-    assert generate.main(["--model", "/nonexistent/model", "--prompt", "hi"]) != 0
+    assert generate_cli.main(["--model", "/nonexistent/model", "--prompt", "hi"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
 
@@ -311,7 +312,7 @@ def test_cli_missing_model(capsys):
 def test_cli_streams_the_same_text_as_the_library(text_model, capsys):
     cfg, params, path = text_model
     prompt = "The meaning of life is"
-    rc = generate.main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", "20", "--seed", "7"])
+    rc = generate_cli.main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", "20", "--seed", "7"])
     assert rc == 0
     out = capsys.readouterr().out
     # the library with the CLI's settings (a callback too, so the compiled program is shared)
@@ -341,7 +342,7 @@ def test_task_cli_qa_writes_predictions(text_model, tmp_path, capsys):
     src = tmp_path / "qa.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "pred.jsonl"
-    rc = generate.main(["--model", str(path), "--task", "qa", "--input", str(src), "--output", str(out),
+    rc = generate_cli.main(["--model", str(path), "--task", "qa", "--input", str(src), "--output", str(out),
                         "--shots", "2", "--max-new-tokens", "6", "--batch-size", "2"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)

@@ -281,10 +281,30 @@ class GPT2(nn.Module):
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
         if return_hidden:
             return x_BTD
-        # LM head tied to wte; logits accumulate in float32 whatever the compute dtype.
-        logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
-        logits_BTV = _constrain(logits_BTV, (ACT_BATCH, ACT_SEQ, ACT_VOCAB))
-        return logits_BTV[..., : cfg.vocab_size]
+        return lm_head(cfg, wte_VD, x_BTD)
+
+
+def lm_head(cfg: ModelConfig, wte_VD: jax.Array, x_BTD: jax.Array) -> jax.Array:
+    """The LM head tied to `wte`: final-LayerNorm activations -> float32 logits [..., vocab_size].
+
+    Logits accumulate in float32 whatever the compute dtype; padded vocabulary rows are sliced off.
+    Callers that stop at `return_hidden=True` (scoring a few positions, decoding) finish with this.
+    """
+    logits_BTV = jnp.einsum(
+        "BTD,VD->BTV", x_BTD, wte_VD.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32
+    )
+    logits_BTV = _constrain(logits_BTV, (ACT_BATCH, ACT_SEQ, ACT_VOCAB))
+    return logits_BTV[..., : cfg.vocab_size]
+
+
+# Shortest padded length: sequences are padded to a power of two (at least this) so that a
+# handful of shapes are ever compiled, for evaluation windows and generation prompts alike.
+MIN_BUCKET = 16
+
+
+def length_bucket(n: int, cap: int) -> int:
+    """The padded length for `n` tokens: the next power of two, at least MIN_BUCKET, at most `cap`."""
+    return min(cap, max(MIN_BUCKET, 1 << max(0, n - 1).bit_length()))
 
 
 def _cache_index(cache) -> jax.Array:

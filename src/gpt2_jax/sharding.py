@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -198,6 +199,48 @@ def sharded_jit(fn, mesh: Mesh, rules, **jit_kwargs):
 
     call.lower = lower
     return call
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a model's parameters, batches and activations go: a mesh and a strategy's rules.
+
+    Training, evaluation and generation all place parameters through this one object, so what
+    trains on 8 chips also evaluates and samples on 8 chips (no device holds a whole copy under FSDP).
+    """
+
+    mesh: Mesh
+    strategy: str
+    rules: tuple
+
+    def param_shardings(self, boxed_params: Any) -> Any:
+        """NamedShardings of a params tree carrying Flax's logical-axis boxes (`model.abstract_params`)."""
+        return param_shardings(boxed_params, self.mesh, self.rules)
+
+    def place(self, boxed_params: Any, params: Any) -> Any:
+        """`params` (host or device arrays, the tree of `boxed_params`) on their shardings."""
+        return jax.device_put(params, self.param_shardings(boxed_params))
+
+    def rules_for_rows(self, rows: int) -> tuple:
+        """The rules for a batch of `rows`: split over the data axes when they divide it, else whole."""
+        if rows % data_parallel_size(self.mesh) == 0:
+            return self.rules
+        return tuple((k, None if k == "act_batch" else v) for k, v in self.rules)
+
+    def row_sharding(self, rows: int) -> NamedSharding:
+        """Rows split over the data axes when they divide them, else replicated."""
+        return batch_sharding(self.mesh) if rows % data_parallel_size(self.mesh) == 0 else NamedSharding(self.mesh, P())
+
+    def jit(self, fn, rows: int | None = None, **jit_kwargs):
+        """`sharded_jit` on this mesh, with the rules for a batch of `rows` (default: the strategy's)."""
+        return sharded_jit(fn, self.mesh, self.rules if rows is None else self.rules_for_rows(rows), **jit_kwargs)
+
+
+def placement(config, mesh: str | Sequence[int] = (1, -1, 1), strategy: str = "fsdp", devices: Sequence[Any] | None = None) -> Placement:
+    """The placement of `config` on `devices` (default: every device of every process): FSDP over
+    all of them unless told otherwise."""
+    m = make_mesh(mesh, devices)
+    return Placement(m, strategy, logical_rules(strategy, m, config))
 
 
 def check_params_sharded(params_or_shardings: Any, strategy: str, min_elements: int = LARGE_PARAM_ELEMENTS, shapes=None):

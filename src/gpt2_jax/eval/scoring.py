@@ -3,8 +3,9 @@
 Every evaluation reduces to one question asked of many token rows: for each target token, what is
 its log-probability given the tokens before it in the row, and is it the model's argmax? Rows are
 sorted by length, padded on the right to a power-of-two bucket (so only about log2(n_ctx) shapes are
-ever compiled) and cut into batches that are sharded over a 1-D `data` mesh of all local devices.
-Right padding never changes real positions: attention is causal.
+ever compiled) and cut into batches whose rows are split over the devices of the placement, which
+also holds the parameters the way training does (FSDP over every device by default). Right padding
+never changes real positions: attention is causal.
 """
 
 from __future__ import annotations
@@ -16,14 +17,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2
+from gpt2_jax.model import GPT2, abstract_params, length_bucket, lm_head
 from gpt2_jax.sharding import bounded
-
-MIN_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +57,12 @@ def sliding_windows(n_tokens: int, n_ctx: int, stride: int, first_target: int = 
     return out
 
 
-def _bucket(n: int, n_ctx: int) -> int:
-    return min(n_ctx, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
-
-
 def _score_batch(model: GPT2, K: int, params: Any, tokens_BL: jax.Array, n_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Log-probs [B, K] of the last K targets of each row (row b has n_B[b] targets; entries before
     its first target are junk) and whether each is the model's argmax [B, K].
 
     The vocabulary projection dominates small models, so it is applied only at the K scored
-    positions: the final hidden states are gathered first, then multiplied by the tied `wte` (the
-    LM head of `model.GPT2`, float32 accumulation).
+    positions: the final hidden states are gathered first, then the tied LM head (`model.lm_head`).
     """
     cfg = model.config
     inputs_BT, targets_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
@@ -76,8 +70,7 @@ def _score_batch(model: GPT2, K: int, params: Any, tokens_BL: jax.Array, n_B: ja
     x_BTD = model.apply({"params": params}, inputs_BT, return_hidden=True)
     idx_BK = jnp.clip(n_B[:, None] - K + jnp.arange(K)[None, :], 0, T - 1)
     x_BKD = jnp.take_along_axis(x_BTD, idx_BK[..., None], axis=1)
-    wte_VD = params["wte"][: cfg.vocab_size].astype(x_BKD.dtype)
-    logits_BKV = jnp.einsum("BKD,VD->BKV", x_BKD, wte_VD, preferred_element_type=jnp.float32)
+    logits_BKV = lm_head(cfg, params["wte"], x_BKD)
     targets_BK = jnp.take_along_axis(targets_BT, idx_BK, axis=1)
     lse_BK = jax.nn.logsumexp(logits_BKV, axis=-1)
     target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
@@ -85,21 +78,30 @@ def _score_batch(model: GPT2, K: int, params: Any, tokens_BL: jax.Array, n_B: ja
 
 
 class Scorer:
-    """Scores token rows with one model on all local devices (or `devices`).
+    """Scores token rows with one model placed like training's (default: FSDP over every device,
+    or over `devices`).
 
-    `batch_size` rows are scored per call; it is rounded up to a multiple of the device count.
+    `batch_size` rows are scored per call; it is rounded up to a multiple of the data-parallel size.
     """
 
-    def __init__(self, config: ModelConfig, params: Any, *, batch_size: int = 8, devices: Sequence[Any] | None = None):
-        devices = list(devices) if devices is not None else jax.local_devices()
+    def __init__(
+        self, config: ModelConfig, params: Any, *, batch_size: int = 8, devices: Sequence[Any] | None = None,
+        placement: sharding.Placement | None = None,
+    ):
         self.config = config
-        self.mesh = Mesh(np.array(devices), ("data",))
-        self.batch_size = -(-max(1, batch_size) // len(devices)) * len(devices)
-        self._replicated = NamedSharding(self.mesh, P())
-        self._rows = NamedSharding(self.mesh, P("data"))
-        self.params = jax.device_put(params, self._replicated)
+        if placement is None:
+            placement = sharding.placement(config, devices=list(devices) if devices is not None else jax.local_devices())
+        self.placement = placement
+        n = sharding.data_parallel_size(self.placement.mesh)
+        self.batch_size = -(-max(1, batch_size) // n) * n
+        self._rows = sharding.batch_sharding(self.placement.mesh)
+        self.params = self.placement.place(abstract_params(config), params)
         self._fns: dict[int, Any] = {}
         self.tokens_scored = 0
+
+    @property
+    def mesh(self):
+        return self.placement.mesh
 
     @property
     def n_ctx(self) -> int:
@@ -107,9 +109,9 @@ class Scorer:
 
     def _dispatch(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[jax.Array, jax.Array]:
         if K not in self._fns:  # one jitted function per K; each compiles once per row length
-            self._fns[K] = jax.jit(
+            self._fns[K] = self.placement.jit(
                 functools.partial(_score_batch, GPT2(self.config), K),
-                in_shardings=(self._replicated, self._rows, self._rows),
+                in_shardings=(self.placement.param_shardings(abstract_params(self.config)), self._rows, self._rows),
                 out_shardings=(self._rows, self._rows),
             )
         put = lambda a: jax.device_put(np.asarray(a, np.int32), self._rows)
@@ -135,14 +137,14 @@ class Scorer:
             if not 2 <= len(r) <= self.n_ctx + 1 or not 1 <= k <= len(r) - 1:
                 raise ValueError(f"row of {len(r)} tokens scoring {k}; rows need 2..n_ctx+1={self.n_ctx + 1} tokens")
         # Group rows of similar length and scored count: few distinct (T, K) shapes get compiled.
-        order = sorted(range(len(rows)), key=lambda i: (-_bucket(len(rows[i]) - 1, self.n_ctx), -n_scored[i]))
+        order = sorted(range(len(rows)), key=lambda i: (-length_bucket(len(rows[i]) - 1, self.n_ctx), -n_scored[i]))
         out: list[Any] = [None] * len(rows)
         B = self.batch_size
         groups = [order[b0 : b0 + B] for b0 in range(0, len(order), B)]
 
         def dispatch(idx):
-            T = max(_bucket(len(rows[i]) - 1, self.n_ctx) for i in idx)
-            K = min(T, max(_bucket(n_scored[i], self.n_ctx) for i in idx))
+            T = max(length_bucket(len(rows[i]) - 1, self.n_ctx) for i in idx)
+            K = min(T, max(length_bucket(n_scored[i], self.n_ctx) for i in idx))
             batch, n_B = np.zeros((B, T + 1), np.int32), np.ones(B, np.int32)
             for j, i in enumerate(idx):
                 batch[j, : len(rows[i])] = rows[i]

@@ -7,35 +7,28 @@ fixed-size buffer of `bucket + max_new_tokens` slots. Prefill, sampling and the 
 max_new_tokens, sampling mode) and never per token. Streaming goes through an ordered
 `io_callback` from inside that loop, so it does not split the generation into several calls.
 
-`python -m gpt2_jax.generate --model MODEL --prompt TEXT` samples from the command line; with
-`--task summarize|translate|qa --input FILE.jsonl` it runs the paper's zero-shot prompt formats
-(`gpt2_jax.prompts`) over a file and scores them.
+Parameters are placed like training's (`sharding.Placement`: FSDP over every device by default), so
+a model that trains on 8 chips also samples on them. The command line is `gpt2_jax.generate.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import codecs
 import dataclasses
 import functools
-import json
 import math
-import os
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, init_cache
-from gpt2_jax.tokenizer import EOT_ID, EOT_TOKEN
-
-MIN_BUCKET = 16
+from gpt2_jax.model import GPT2, abstract_params, init_cache, length_bucket, lm_head
+from gpt2_jax.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 
 class GenerationError(ValueError):
@@ -227,13 +220,6 @@ def decode_loop(
     return out_BN, lengths_B
 
 
-def _head(cfg: ModelConfig, params, x_BTD: jax.Array) -> jax.Array:
-    """The tied LM head on final-LayerNorm activations (the model's own last step)."""
-    wte_VD = params["wte"].astype(jnp.dtype(cfg.dtype))
-    logits = jnp.einsum("BTD,VD->BTV", x_BTD, wte_VD, preferred_element_type=jnp.float32)
-    return logits[..., : cfg.vocab_size]
-
-
 def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to [B, bucket]; returns (tokens, lengths)."""
     tokens = np.full((len(prompts), bucket), pad_id, np.int32)
@@ -266,7 +252,7 @@ def prefill(cfg: ModelConfig, params, tokens_BP: jax.Array, lengths_B: jax.Array
         {"params": params, "cache": cache}, tokens_BP, positions_BP, mask_BP,
         decode=True, return_hidden=True, mutable=["cache"],
     )
-    logits = _head(cfg, params, x_BPD if all_logits else x_BPD[:, -1:])
+    logits = lm_head(cfg, params["wte"], x_BPD if all_logits else x_BPD[:, -1:])
     return (logits if all_logits else logits[:, 0]), variables["cache"], positions_BP, mask_BP
 
 
@@ -281,28 +267,30 @@ def decode_step(cfg: ModelConfig, params, cache, tokens_BT: jax.Array, positions
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream"),
+    static_argnames=("cfg", "rules", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream"),
 )
-def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, cfg, max_new_tokens, greedy, top_k,
+def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, cfg, rules, max_new_tokens, greedy, top_k,
                   use_top_p, eot_id, stream):
-    P = tokens_BP.shape[1]
-    logits_BV, cache, _, _ = prefill(cfg, params, tokens_BP, lengths_B, P + max_new_tokens)
+    # The logical rules are a static argument: they shape the traced program (Flax reads them from a
+    # context variable that jit's cache would not see).
+    with nn.logical_axis_rules(rules):
+        P = tokens_BP.shape[1]
+        logits_BV, cache, _, _ = prefill(cfg, params, tokens_BP, lengths_B, P + max_new_tokens)
 
-    def step(cache, tok_B1, pos_B1):
-        logits, cache = decode_step(cfg, params, cache, tok_B1, pos_B1)
-        return logits[:, -1], cache
+        def step(cache, tok_B1, pos_B1):
+            logits, cache = decode_step(cfg, params, cache, tok_B1, pos_B1)
+            return logits[:, -1], cache
 
-    return decode_loop(
-        step, cache, logits_BV, lengths_B, jax.random.key(seed),
-        max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
-        temperature=temperature, top_p=top_p, eot_id=eot_id, stream=stream,
-    )
+        return decode_loop(
+            step, cache, logits_BV, lengths_B, jax.random.key(seed),
+            max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+            temperature=temperature, top_p=top_p, eot_id=eot_id, stream=stream,
+        )
 
 
 def prompt_bucket(length: int, n_ctx: int, max_new_tokens: int) -> int:
-    """The padded prompt length: the next power of two (at least 16), capped so the cache fits."""
-    bucket = max(MIN_BUCKET, 1 << max(0, length - 1).bit_length())
-    return min(bucket, n_ctx - max_new_tokens)
+    """The padded prompt length: the length bucket of `length`, capped so the cache fits."""
+    return length_bucket(length, n_ctx - max_new_tokens)
 
 
 def fit_prompts(
@@ -338,11 +326,13 @@ def fit_prompts(
 
 
 class Generator:
-    """A model ready to sample: params placed on the device once, compiled functions reused."""
+    """A model ready to sample: params placed once (like training's; by default FSDP over this
+    process's devices), compiled functions reused."""
 
-    def __init__(self, config: ModelConfig, params):
+    def __init__(self, config: ModelConfig, params, placement: sharding.Placement | None = None):
         self.config = config
-        self.params = jax.device_put(params)
+        self.placement = placement if placement is not None else sharding.placement(config, devices=jax.local_devices())
+        self.params = self.placement.place(abstract_params(config), params)
 
     def generate_tokens(
         self,
@@ -362,15 +352,18 @@ class Generator:
         prompts = fit_prompts(prompts, cfg, n, truncate)
         bucket = prompt_bucket(max(len(p) for p in prompts), cfg.n_ctx, n)
         tokens, lengths = left_pad(prompts, bucket)
+        rows = self.placement.row_sharding(len(prompts))
         eot = sampling.eot_id if sampling.eot_id is not None and sampling.eot_id < cfg.vocab_size else None
-        args = (self.params, tokens, lengths, np.uint32(seed % 2**32), np.float32(sampling.temperature),
-                np.float32(sampling.top_p))
-        kw = dict(cfg=cfg, max_new_tokens=n, greedy=sampling.greedy, top_k=sampling.top_k if not sampling.greedy else 0,
+        args = (self.params, jax.device_put(tokens, rows), jax.device_put(lengths, rows), np.uint32(seed % 2**32),
+                np.float32(sampling.temperature), np.float32(sampling.top_p))
+        kw = dict(cfg=cfg, rules=self.placement.rules_for_rows(len(prompts)), max_new_tokens=n, greedy=sampling.greedy,
+                  top_k=sampling.top_k if not sampling.greedy else 0,
                   use_top_p=sampling.top_p < 1.0 and not sampling.greedy, eot_id=eot, stream=on_tokens is not None)
         if on_tokens is not None:
             _STREAM_SINK.append(on_tokens)
         try:
-            out, lens = _generate_jit(*args, **kw)
+            with jax.set_mesh(self.placement.mesh):
+                out, lens = _generate_jit(*args, **kw)
             out, lens = np.asarray(out), np.asarray(lens)  # waits, so every callback has run
         finally:
             if on_tokens is not None:
@@ -380,8 +373,6 @@ class Generator:
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), *, seed: int = 0,
                  truncate: str = "error") -> list[str]:
         """Continue text prompts; returns the new text of each (without the stop token)."""
-        from gpt2_jax.tokenizer import get_tokenizer
-
         enc = get_tokenizer()
         result = self.generate_tokens([encode_prompt(p) for p in prompts], sampling, seed=seed, truncate=truncate)
         return [enc.decode(row) for row in result.rows()]
@@ -389,8 +380,6 @@ class Generator:
 
 def encode_prompt(text: str) -> list[int]:
     """Tokenize a prompt (`<|endoftext|>` written in it becomes the special token)."""
-    from gpt2_jax.tokenizer import get_tokenizer
-
     if not text:
         raise GenerationError("the prompt is empty (use --unconditional to sample from <|endoftext|>)")
     tokens = get_tokenizer().encode(text, allowed_special={EOT_TOKEN})
@@ -401,174 +390,3 @@ def encode_prompt(text: str) -> list[int]:
     return tokens
 
 
-# --------------------------------------------------------------------------------------------
-# Loading a model and the command line
-
-
-def load_model(spec: str, *, seed: int = 0) -> tuple[ModelConfig, Any]:
-    """`(config, params)` from a checkpoint, run directory, HF GPT-2 directory, or `random:SIZE`."""
-    from gpt2_jax import checkpoint
-    from gpt2_jax.config import get_model_config
-    from gpt2_jax.model import init_params
-
-    if spec.startswith("random:"):
-        cfg = get_model_config(spec.removeprefix("random:"))
-        return cfg, init_params(cfg, jax.random.key(seed))
-    if not Path(spec).exists():
-        raise GenerationError(f"model {spec} does not exist (a checkpoint, run directory, HF directory or random:SIZE)")
-    return checkpoint.load_model(spec)
-
-
-class _TextStream:
-    """Writes the decoded text of one row as tokens arrive (UTF-8 split across tokens handled)."""
-
-    def __init__(self, out, row: int = 0):
-        from gpt2_jax.tokenizer import get_tokenizer
-
-        self.enc, self.out, self.row = get_tokenizer(), out, row
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def __call__(self, t, tokens_B, active_B):
-        if active_B[self.row]:
-            self.out.write(self.decoder.decode(self.enc.decode_single_token_bytes(int(tokens_B[self.row]))))
-            self.out.flush()
-
-    def close(self):
-        self.out.write(self.decoder.decode(b"", final=True))
-        self.out.flush()
-
-
-def _sampling_from_args(args, **defaults) -> SamplingConfig:
-    kw = dict(
-        max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p,
-    )
-    kw.update({k: v for k, v in defaults.items() if getattr(args, k, None) is None})
-    kw = {k: v for k, v in kw.items() if v is not None}
-    return SamplingConfig(**kw)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from gpt2_jax.prompts import TASKS
-
-    p = argparse.ArgumentParser(
-        prog="python -m gpt2_jax.generate",
-        description="Sample text from a GPT-2 model, or run the paper's zero-shot task prompts over a jsonl file.",
-    )
-    p.add_argument("--model", required=True,
-                   help="gpt2_jax checkpoint, training run directory, HF GPT-2 directory, or random:SIZE "
-                        "(random weights of a size preset, for testing)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text to continue (<|endoftext|> in it is the special token)")
-    src.add_argument("--prompt-file", help="file whose UTF-8 text is the prompt")
-    src.add_argument("--unconditional", action="store_true", help="sample from <|endoftext|> alone")
-    src.add_argument("--task", choices=sorted(TASKS), help="zero-shot task format from the GPT-2 paper, run over --input")
-    p.add_argument("--input", help="jsonl file of task records (--task); see gpt2_jax.prompts for the fields")
-    p.add_argument("--output", help="with --task: write one jsonl record per input with the prediction")
-    p.add_argument("--shots", type=int, default=None,
-                   help="with --task translate/qa: use the first N records as in-context examples and score the rest")
-    p.add_argument("--limit", type=int, default=None, help="with --task: score at most this many records")
-    p.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
-    p.add_argument("--batch-size", type=int, default=8, help="with --task: records generated per batch")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per sample (default 100; with --task, the task's: "
-                        "summarize 100, translate 64, qa 32)")
-    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
-                   help="always take the most likely token (--no-greedy samples; default: sample, except for the "
-                        "translate and qa tasks)")
-    p.add_argument("--temperature", type=float, default=None, help="divide logits by this before sampling (default 1)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely tokens; 0 = all (default 40, as the paper's samples; "
-                        "--task summarize: 2, as the paper's summaries)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
-    p.add_argument("--truncate", choices=("error", "left"), default="error",
-                   help="a prompt longer than the context minus --max-new-tokens: refuse it, or keep its last tokens")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gpt2_jax import checkpoint, convert, prompts
-    from gpt2_jax.config import ConfigError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    expected = (GenerationError, ConfigError, convert.ConversionError, checkpoint.CheckpointError,
-                prompts.TaskError, OSError)
-    try:
-        if args.task is None and args.prompt is None and args.prompt_file is None and not args.unconditional:
-            raise GenerationError("give --prompt, --prompt-file, --unconditional or --task")
-        if args.task is None and (args.input or args.output):
-            raise GenerationError("--input/--output go with --task")
-        if args.num_samples < 1 or args.batch_size < 1:
-            raise GenerationError("--num-samples and --batch-size must be positive")
-        if args.task is not None:
-            sampling = _sampling_from_args(args, **prompts.TASKS[args.task].sampling)
-        else:
-            sampling = _sampling_from_args(args, max_new_tokens=100, top_k=40)
-        if args.task is not None and not args.input:
-            raise GenerationError("--task needs --input FILE.jsonl")
-        if args.task is not None:
-            records = prompts.read_jsonl(args.input, args.task)  # check the file before loading a model
-        elif args.unconditional:
-            prompt_tokens = [EOT_ID]
-        else:
-            text = args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)
-            prompt_tokens = encode_prompt(text)
-        cfg, params = load_model(args.model, seed=args.seed)
-        gen = Generator(cfg, params)
-        if args.task is not None:
-            report = prompts.run_task(
-                gen, args.task, records, sampling, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
-                seed=args.seed, truncate=args.truncate, output=args.output,
-            )
-            print(json.dumps(report, indent=2))
-            return 0
-        _sample_cli(gen, prompt_tokens, sampling, args)
-    except expected as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _read_prompt_file(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise GenerationError(f"prompt file {path} does not exist")
-    if p.stat().st_size > 1 << 24:
-        raise GenerationError(f"prompt file {path} is larger than 16 MiB")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GenerationError(f"prompt file {path} is not UTF-8 text") from e
-
-
-def _sample_cli(gen: Generator, prompt_tokens: list[int], sampling: SamplingConfig, args) -> None:
-    from gpt2_jax.tokenizer import get_tokenizer
-
-    prompts_ = [prompt_tokens] * args.num_samples
-    if args.num_samples == 1:
-        stream = _TextStream(sys.stdout)
-        gen.generate_tokens(prompts_, sampling, seed=args.seed, truncate=args.truncate, on_tokens=stream)
-        stream.close()
-        sys.stdout.write("\n")
-        return
-    result = gen.generate_tokens(prompts_, sampling, seed=args.seed, truncate=args.truncate)
-    enc = get_tokenizer()
-    for i, row in enumerate(result.rows()):
-        print(f"{'=' * 30} SAMPLE {i + 1} {'=' * 30}")
-        print(enc.decode(row))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary sibling and a rename (never a half-written output)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

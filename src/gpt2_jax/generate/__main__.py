@@ -1,0 +1,3 @@
+from gpt2_jax.generate.cli import main
+
+raise SystemExit(main())
