@@ -92,10 +92,11 @@ def test_finetune_through_the_train_entry_point(tmp_path, capsys, monkeypatch):
     """`python -m gpt2_jax.train ... init_from= finetune_data=`: sharded over 8 devices, from a
     checkpoint; the same command with more steps resumes without reading init_from's weights and
     without creating a fresh state first."""
-    from gpt2_jax import checkpoint, step, train
+    from gpt2_jax import step, weights
+    from gpt2_jax.train import cli as train_cli
 
     cfg = config.get_model_config("tiny", n_ctx=64, n_embd=48, n_head=3, n_layer=2)
-    ckpt = checkpoint.save_params(tmp_path / "base", cfg, model.init_params(cfg, jax.random.key(0)))
+    ckpt = weights.save_params(tmp_path / "base", cfg, model.init_params(cfg, jax.random.key(0)))
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"q": p, "a": c}) for p, c in PAIRS) + "\n")
     run_dir = tmp_path / "run"
@@ -104,7 +105,7 @@ def test_finetune_through_the_train_entry_point(tmp_path, capsys, monkeypatch):
         "seq_len=0", "batch_size=8", "lr=5e-3", "warmup_steps=2", "weight_decay=0", "eval_every=20",
         "log_every=1", "sample_tokens=4", f"run_dir={run_dir}",
     ]
-    rc = train.main([*args, "steps=40"])
+    rc = train_cli.main([*args, "steps=40"])
     assert rc == 0, capsys.readouterr().err
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"]["n_embd"] == 48 and saved["model"]["n_ctx"] == 64  # the checkpoint's shape
@@ -117,12 +118,12 @@ def test_finetune_through_the_train_entry_point(tmp_path, capsys, monkeypatch):
         raise AssertionError("a resumed run must not read or create a state besides its checkpoint")
 
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "load_model", refuse)
+        m.setattr(weights, "load", refuse)
         m.setattr(step, "init_train_state_sharded", refuse)
-        assert train.main([*args, "steps=42"]) == 0, capsys.readouterr().err
+        assert train_cli.main([*args, "steps=42"]) == 0, capsys.readouterr().err
     assert "resumed from checkpoint step 40" in capsys.readouterr().out
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r][-3:] == [40, 41, 42]
-    bad = train.main(["tiny", f"init_from={tmp_path / 'missing'}", f"finetune_data={data}", f"run_dir={tmp_path / 'r2'}"])
+    bad = train_cli.main(["tiny", f"init_from={tmp_path / 'missing'}", f"finetune_data={data}", f"run_dir={tmp_path / 'r2'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert bad != 0 and err[-1].startswith("error: ") and "init_from" in err[-1]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt2_jax import costs, optim, sharding, step, train
+from gpt2_jax import costs, generate, optim, sharding, step
 from gpt2_jax.config import ModelConfig
 from helpers import run_losses
 
@@ -51,6 +51,18 @@ def test_the_log_capture_sees_an_involuntary_rematerialization():
     assert REMAT in log
 
 
+def sample_program(cfg, place, params):
+    """Training's sample: one prompt row, KV-cached decode on the training placement, lowered."""
+    rows = place.row_sharding(1)
+    tokens = jax.ShapeDtypeStruct((1, 16), jnp.int32, sharding=rows)
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rows)
+    with jax.set_mesh(place.mesh):
+        return generate._generate_jit.lower(
+            params, tokens, lengths, np.uint32(0), np.float32(1.0), np.float32(1.0), cfg=cfg, rules=place.rules_for_rows(1),
+            max_new_tokens=4, greedy=False, top_k=40, use_top_p=False, eot_id=None, stream=False,
+        )
+
+
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 @pytest.mark.parametrize("shape,strategy", MESHES, ids=[f"{'x'.join(map(str, s))}-{st}" for s, st in MESHES])
 def test_no_involuntary_rematerialization(shape, strategy, config_name):
@@ -64,9 +76,7 @@ def test_no_involuntary_rematerialization(shape, strategy, config_name):
     programs = {
         "train": lambda: step.compile_train_step(cfg, tx, sched, 2, mesh, rules, sh).lower(abstract, batch),
         "eval": lambda: step.compile_eval_step(cfg, mesh, rules, sh.params).lower(abstract.params, batch),
-        "sample": lambda: train.make_sampler(cfg, mesh, rules, 4, 40).lower(
-            abstract.params, jax.ShapeDtypeStruct((1, cfg.n_ctx), jnp.int32), 3, jax.random.key(0)
-        ),
+        "sample": lambda: sample_program(cfg, sharding.Placement(mesh, strategy, rules), abstract.params),
     }
     for name, lower in programs.items():
         _, log = costs.compile_logged(lower)

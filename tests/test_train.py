@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from gpt2_jax import costs, train
+from gpt2_jax.train.cli import main as train_main
 from gpt2_jax.config import ConfigError, get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_experiment_files_are_not_executed(tmp_path):
     ],
 )
 def test_cli_bad_input(capsys, args, message):
-    assert train.main(args) != 0
+    assert train_main(args) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -96,7 +97,7 @@ TINY_RUN = ["n_layer=1", "n_embd=48", "n_head=3", "seq_len=32", "batch_size=8", 
 @pytest.mark.slow
 def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
     run = tmp_path / "run"
-    assert train.main(["tiny", *TINY_RUN, "steps=3", "eval_every=2", f"run_dir={run}"]) == 0
+    assert train_main(["tiny", *TINY_RUN, "steps=3", "eval_every=2", f"run_dir={run}"]) == 0
     out = capsys.readouterr().out
     assert "sample:" in out and "val loss" in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -110,7 +111,7 @@ def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
     assert config["model"]["attention"] == "xla"
     assert any((run / "tensorboard").iterdir())
     # A learning rate this large overflows the weights: the run stops loudly.
-    assert train.main(["tiny", *TINY_RUN, "steps=4", "lr=1e38", "warmup_steps=0", f"run_dir={tmp_path / 'nan'}"]) == 1
+    assert train_main(["tiny", *TINY_RUN, "steps=4", "lr=1e38", "warmup_steps=0", f"run_dir={tmp_path / 'nan'}"]) == 1
     assert "error: loss is nan" in capsys.readouterr().err
 
 
@@ -147,6 +148,6 @@ def test_make_train_reaches_val_loss_6(tmp_path, shared_data):
 
 def test_help_lists_the_model_keys_and_attention(capsys):
     with pytest.raises(SystemExit):
-        train.main(["--help"])
+        train_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "attention ('auto')" in out and "auto, xla, cudnn, splash" in out and "remat_policy ('none')" in out

@@ -1,0 +1,3 @@
+from gpt2_jax.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""`python -m gpt2_jax.train [EXPERIMENT] [key=value ...]`: parse, check, train, report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from gpt2_jax import sharding
+from gpt2_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig, parse_overrides
+from gpt2_jax.data import DataError
+from gpt2_jax.sharding import ShardingError
+from gpt2_jax.train.config import MANAGED_MODEL_KEYS, TrainConfig, TrainingError, find_experiment, load_experiment, resolve_config
+from gpt2_jax.train.loop import train
+
+
+def _default_run_dir(experiment: str) -> Path:
+    stamp = int(time.time())
+    if jax.process_count() > 1:  # every process must agree on the directory
+        stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
+    return Path("runs") / f"{Path(experiment).stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(stamp))}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2_jax.train",
+        description="Train GPT-2 on a device mesh. Example: python -m gpt2_jax.train small steps=1000 mesh=1,-1,1",
+        epilog="TrainConfig keys (default): "
+        + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(TrainConfig))
+        + ". ModelConfig keys (dataclass default; the size preset sets the shape): "
+        + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(ModelConfig) if f.name not in MANAGED_MODEL_KEYS)
+        + f". attention is one of {', '.join(ATTENTION_IMPLS)}: auto takes cuDNN flash attention on NVIDIA GPUs"
+        " (bfloat16/float16) and the Pallas splash kernel on TPUs, XLA elsewhere; the choice is printed and"
+        " recorded in config.json.",
+    )
+    parser.add_argument(
+        "experiment", nargs="?", default="tiny",
+        help="experiment name in experiments/ (tiny, small, medium, large, xl) or path to an experiment file (default tiny)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="override a TrainConfig field (steps=100, lr=3e-4, mesh=2,4,1, ...) or a model shape field (n_layer=6)",
+    )
+    parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs without a cluster launcher")
+    parser.add_argument("--num-processes", type=int, help="number of processes in a multi-process run")
+    parser.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if "=" in args.experiment:  # only overrides were given
+        overrides.insert(0, args.experiment)
+        args.experiment = "tiny"
+
+    try:
+        settings = load_experiment(find_experiment(args.experiment))
+        settings.update(parse_overrides(overrides))
+        tcfg, mcfg = resolve_config(settings)
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
+        sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
+        run_dir = Path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
+        final = train(tcfg, mcfg, run_dir)
+    except (ConfigError, ShardingError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingError, OSError) as e:  # OSError: e.g. a run directory that is not writable
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if final.get("stopped"):
+        if jax.process_index() == 0:
+            again = list(argv if argv is not None else sys.argv[1:])
+            if not tcfg.run_dir:
+                again.append(f"run_dir={run_dir}")
+            print(
+                f"stopped by {final['stopped']} after step {final['step']}; checkpoint saved in {run_dir / 'checkpoints'}. "
+                f"To resume: python -m gpt2_jax.train {shlex.join(again)}"
+            )
+        return 0
+    if jax.process_index() == 0:
+        summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
+        if "val_loss" in final:
+            summary += f", val loss {final['val_loss']:.4f}"
+        print(summary + f"; run dir {run_dir}")
+    return 0
+

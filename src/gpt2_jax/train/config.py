@@ -1,0 +1,163 @@
+"""The settings of a training run: `TrainConfig`, the experiment files, and how overrides resolve.
+
+EXPERIMENT names a file in experiments/ (tiny, small, medium, large, xl) or is a path to one; its
+`CONFIG = {...}` literal is read with `ast.literal_eval` (never executed). `key=value` overrides
+any TrainConfig field, or a ModelConfig field (n_layer=6), type-checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from gpt2_jax.config import DTYPES, SIZES, ConfigError, ModelConfig, get_model_config, replace
+from gpt2_jax.sharding import STRATEGIES
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the model's shape (that is `size` + ModelConfig)."""
+
+    size: str = "tiny"  # model preset
+    dataset: str = "tiny_shakespeare"
+    seq_len: int = 0  # tokens per sequence; 0 = the model's n_ctx
+    batch_size: int = 16  # sequences per optimizer step, all devices and micro-batches together
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum run at once)
+    steps: int = 300
+    lr: float = 0.0  # peak learning rate; 0 = the size's default (optim.PEAK_LR)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dropout: float = 0.0  # embedding, attention and residual dropout (nanoGPT pretrains with 0)
+    compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+    mesh: str = "1,-1,1"  # data,fsdp,tensor device counts; -1 = the rest
+    strategy: str = "fsdp"  # dp | fsdp | fsdp_tp
+    eval_every: int = 100  # steps between validation losses (and at the end); 0 = only at the end
+    eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    sample_every: int = 0  # steps between text samples; 0 = only at the end
+    sample_tokens: int = 64
+    sample_prompt: str = ""  # empty = start from <|endoftext|>
+    top_k: int = 40  # 1 = greedy
+    log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard / the console
+    seed: int = 0
+    run_dir: str = ""  # default runs/EXPERIMENT-YYYYmmdd-HHMMSS
+    # Checkpoints in RUN_DIR/checkpoints (gpt2_jax.checkpoint), saved asynchronously every
+    # ckpt_every steps, at the end and on SIGTERM/SIGINT; the latest ckpt_keep and the best
+    # ckpt_keep_best by validation loss are kept. resume: continue from the newest readable one.
+    resume: bool = True
+    ckpt_every: int = 500  # 0 = only at the end (and when stopped by a signal)
+    ckpt_keep: int = 3
+    ckpt_keep_best: int = 1
+    ckpt_async: bool = True
+    # Fine-tuning (gpt2_jax.finetune). init_from: start from this checkpoint, run or HF GPT-2
+    # directory (its shape replaces the size preset's); finetune_data: a jsonl of prompt/completion
+    # pairs used instead of `dataset`, the loss counting completion tokens only; the templates
+    # render each record's fields into the prompt and the completion.
+    init_from: str = ""
+    finetune_data: str = ""
+    prompt_template: str = "{prompt}"
+    completion_template: str = "{completion}"
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
+        if self.compute_dtype not in ("auto",) + DTYPES:
+            raise ConfigError(f"unknown compute_dtype {self.compute_dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        for name in ("batch_size", "grad_accum", "steps", "sample_tokens", "top_k", "log_every", "ckpt_keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("seq_len", "warmup_steps", "eval_every", "eval_batches", "sample_every", "lr", "weight_decay", "grad_clip", "ckpt_every", "ckpt_keep_best"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+
+# ModelConfig fields that TrainConfig sets, so that one value cannot come from two places.
+MANAGED_MODEL_KEYS = {"dtype": "compute_dtype", "embd_pdrop": "dropout", "attn_pdrop": "dropout", "resid_pdrop": "dropout"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. the loss became NaN)."""
+
+
+def find_experiment(name: str) -> Path:
+    """An experiment name (tiny, small, ...) or a path -> the experiment file."""
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"experiment file {name} does not exist")
+        return path
+    for root in (Path.cwd(), REPO_ROOT):
+        path = root / "experiments" / f"{name}.py"
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.py") if not p.stem.startswith("_"))
+    raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(known)} (or a path to an experiment file)")
+
+
+def load_experiment(path: Path) -> dict[str, Any]:
+    """The `CONFIG = {...}` dict literal of an experiment file, read without executing it."""
+    try:
+        tree = ast.parse(Path(path).read_text(), filename=str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{path}: not valid Python ({e.msg}, line {e.lineno})") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CONFIG" for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise ConfigError(f"{path}: CONFIG must be a literal dict of plain values") from None
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: CONFIG must be a dict")
+            return value
+    raise ConfigError(f"{path}: no `CONFIG = {{...}}` assignment")
+
+
+def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
+    """Split `settings` into TrainConfig and ModelConfig fields, type-checked; unknown keys refused.
+
+    The model's compute dtype ("auto" still unresolved) and dropout come from the TrainConfig.
+    """
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_kw, model_kw = {}, {}
+    for key, value in settings.items():
+        if key in MANAGED_MODEL_KEYS:
+            raise ConfigError(f"set {MANAGED_MODEL_KEYS[key]}= instead of {key}=")
+        if key in train_keys:
+            train_kw[key] = value
+        elif key in model_keys:
+            model_kw[key] = value
+        else:
+            valid = sorted(train_keys) + sorted(model_keys - set(MANAGED_MODEL_KEYS))
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+    tcfg = replace(TrainConfig(), **train_kw)
+    mcfg = get_model_config(tcfg.size, **model_kw)
+    mcfg = replace(mcfg, embd_pdrop=tcfg.dropout, attn_pdrop=tcfg.dropout, resid_pdrop=tcfg.dropout)
+    if tcfg.seq_len > mcfg.n_ctx:
+        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model context n_ctx={mcfg.n_ctx}")
+    return tcfg, mcfg
+
+
+def resolve_dtype(tcfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:
+    """Fill in compute_dtype=auto: bfloat16 on GPU/TPU, float32 on CPU (XLA:CPU bf16 matmuls are slow)."""
+    dtype = tcfg.compute_dtype
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return replace(mcfg, dtype=dtype)
