@@ -1,13 +1,11 @@
 """Sharding: 1 device vs 8 fake CPU devices on several meshes, rules, guards, bad meshes."""
 
-import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from gpt2_jax import optim, sharding, step
 from gpt2_jax.config import ModelConfig, get_model_config

@@ -406,6 +406,23 @@ def resolve_dirs(cache_dir=None, manual_dir=None) -> tuple[Path, Path | None]:
     return Path(cache).expanduser().absolute(), (Path(manual).expanduser().absolute() if manual else None)
 
 
+def catalog_texts(name: str, split: str, *, feature: str = "text", limit: int | None = None, cache_dir=None) -> list[str]:
+    """The first `limit` `feature` strings of split `split` of the TFDS catalog data set `name`,
+    built under the cache directory (`resolve_dirs`). Catalog builders need TensorFlow: without it,
+    a DataError that says how to install it."""
+    try:
+        import tensorflow  # noqa: F401  (TFDS builds and reads catalog data sets with it)
+    except ImportError:
+        raise DataError(f"tfds:{name}: TFDS catalog data sets need TensorFlow: pip install 'gpt2_jax[tf]'") from None
+    cache, _ = resolve_dirs(cache_dir)
+    texts = []
+    for ex in tfds.as_numpy(tfds.load(name, split=split, data_dir=str(cache / "tfds_catalog"))):
+        if limit is not None and len(texts) >= limit:
+            break
+        texts.append(ex[feature].decode("utf-8"))
+    return texts
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"

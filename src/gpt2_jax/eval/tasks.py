@@ -22,11 +22,11 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import jsonl
+from gpt2_jax.data import DATA_DIR_ENV, DataError, catalog_texts, eval_batches, prepare
 from gpt2_jax.eval.detokenize import count_words, moses_detokenize, ptb_detokenize, wikitext_detokenize
 from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
 
-DATA_DIR_ENV = "GPT2_JAX_DATA_DIR"
 SPLITS = ("valid", "test")
 LN2 = math.log(2.0)
 # Data files are read whole; refuse anything far beyond the largest real one (enwik8, 100 MB).
@@ -172,7 +172,6 @@ def _token_bytes() -> np.ndarray:
 def score_prepared(scorer: Scorer, dataset: str, *, stride: int, limit: int | None, cache_dir=None, manual_dir=None) -> dict[str, Any]:
     """Per-token and per-byte perplexity of the validation split of a `gpt2_jax.data` token store,
     windows and masks from `gpt2_jax.data.eval_batches` (`limit`: at most that many batches)."""
-    from gpt2_jax.data import DataError, eval_batches, prepare
 
     try:
         store = prepare(dataset, cache_dir=cache_dir, manual_dir=manual_dir, progress=False)
@@ -484,23 +483,14 @@ def _eval_lm1b(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
         out = score_sentences(scorer, sentences, stride=opts.stride_for(scorer), desc="lm1b")
         out["data"] = {"file": str(path)}
         return out
+    split = "test"  # lm1b has no validation split; the paper reports test perplexity
     try:
-        import tensorflow  # noqa: F401  (TFDS needs it to build and read lm1b)
-    except ImportError as e:
+        sentences = catalog_texts("lm1b", split, limit=opts.limit, cache_dir=opts.cache_dir)
+    except DataError as e:
         raise EvalError(
             f"lm1b: put {_LM1B_TEST} (from {_LM1B}, heldout-monolingual.tokenized.shuffled/) at {local}, "
-            "or read it through the TFDS catalog, which needs TensorFlow: pip install 'gpt2_jax[tf]'"
+            f"or read it through the TFDS catalog ({e})"
         ) from e
-    import tensorflow_datasets as tfds
-
-    split = "test"  # lm1b has no validation split; the paper reports test perplexity
-    cache = os.environ.get("GPT2_JAX_CACHE_DIR", str(Path.home() / ".cache" / "gpt2_jax"))
-    ds = tfds.load("lm1b", split=split, data_dir=str(Path(cache) / "tfds"))
-    sentences = []
-    for ex in tfds.as_numpy(ds):
-        if opts.limit is not None and len(sentences) >= opts.limit:
-            break
-        sentences.append(ex["text"].decode("utf-8"))
     out = score_sentences(scorer, sentences, stride=opts.stride_for(scorer), desc="lm1b")
     out["data"] = {"tfds": f"lm1b:{split}"}
     return out
