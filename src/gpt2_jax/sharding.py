@@ -126,17 +126,22 @@ def make_mesh(shape: str | Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | 
 
 
 def mesh_spec(logical: P | None, shape: Sequence[int], mesh: Mesh, rules) -> P:
-    """Logical PartitionSpec -> mesh PartitionSpec for an array of `shape`.
-
-    A mesh axis is dropped from a dimension it does not divide, and never used twice.
-    """
+    """Logical PartitionSpec -> mesh PartitionSpec for an array of `shape` (see `fit_spec`)."""
     table = dict(rules)
     logical = tuple(logical or ()) + (None,) * (len(shape) - len(logical or ()))
+    axes = []
+    for name in logical:
+        a = table.get(name) if name is not None else None
+        axes.append((a,) if isinstance(a, str) else tuple(a or ()))
+    return fit_spec(axes, shape, mesh)
+
+
+def fit_spec(axes_per_dim: Sequence[Sequence[str]], shape: Sequence[int], mesh) -> P:
+    """Mesh axes per dimension -> PartitionSpec on `mesh`: an axis is dropped from a dimension whose
+    size it does not divide (the last one first), axes of size 1 are left out, none is used twice."""
     used: set[str] = set()
     out = []
-    for name, dim in zip(logical, shape):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for axes, dim in zip(axes_per_dim, shape):
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         while axes and dim % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]

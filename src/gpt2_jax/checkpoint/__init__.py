@@ -40,6 +40,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from gpt2_jax.sharding import fit_spec
+
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
@@ -232,13 +234,9 @@ def abstract_from_description(desc: dict[str, Any], mesh: jax.sharding.Mesh | No
             if missing:
                 raise CheckpointError(f"{key} is partitioned over mesh axes {sorted(missing)} that the new mesh lacks")
             # A dimension keeps a mesh axis only while the new mesh's sizes still divide it.
-            fitted = []
-            for dim, s in zip(leaf["shape"], spec):
-                axes = [] if s is None else list(s) if isinstance(s, list) else [s]
-                while axes and dim % int(np.prod([mesh.shape[a] for a in axes])):
-                    axes.pop()
-                fitted.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fitted))
+            axes = [[] if s is None else list(s) if isinstance(s, list) else [s] for s in spec]
+            axes += [[]] * (len(leaf["shape"]) - len(axes))
+            sharding = jax.sharding.NamedSharding(mesh, fit_spec(axes, leaf["shape"], mesh))
         out[key] = jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"]), sharding=sharding)
     return out
 

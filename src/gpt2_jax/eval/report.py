@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gpt2_jax import files
 from gpt2_jax.config import PRESETS, ModelConfig
 from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.eval.tasks import PAPER_SOURCE, TASKS, Options
@@ -155,6 +154,4 @@ def _finite(x: Any) -> Any:
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """`report` as strict JSON (NaN/inf as null), replacing `path` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    files.write_json(path, _finite(report), sort_keys=False, allow_nan=False)

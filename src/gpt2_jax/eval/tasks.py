@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
