@@ -122,9 +122,74 @@ class Progress:
     stopping: str | None = None  # the signal that asked the run to stop
 
 
+class PeriodicWork:
+    """The bodies of the training loop's hooks, and their registration with each one's period.
+
+    They share the run's metrics writer, console and `Progress`; each takes (finished steps, state).
+    """
+
+    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write):
+        self.tcfg, self.mcfg, self.place = tcfg, mcfg, place
+        self.run_config, self.ckpt, self.guard, self.write = run_config, ckpt, guard, write
+        self.eval_step, self.val_batches, self.train_batches = eval_step, val_batches, train_batches
+        self.writer = MetricsWriter(run_dir, jax.process_index() == 0)
+        self.progress = Progress()
+
+    def hooks(self, before) -> Hooks:
+        """The loop's hooks, in the order they run; `before` reads the step's metrics first."""
+        t = self.tcfg
+        hooks = Hooks(before=before)
+        hooks.add("preemption", self.check_preemption, every=1, at_end=False, reads_metrics=False)
+        hooks.add("eval", self.validate, every=t.eval_every)
+        hooks.add("sample", self.sample, every=t.sample_every)
+        hooks.add("save", self.save, every=t.ckpt_every, when=lambda: self.progress.stopping is not None)
+        return hooks
+
+    def metric_hooks(self) -> Hooks:
+        """Hooks on each step's metrics, once they are on the host (one step behind the device)."""
+        hooks = Hooks()
+        hooks.add("progress", self.record, every=1)
+        hooks.add("log", self.log, every=self.tcfg.log_every)
+        return hooks
+
+    def check_preemption(self, done: int, _) -> None:  # every step, on every host (a sync point on multi-host runs)
+        if self.guard.stop(done):
+            self.progress.stopping = self.guard.signal_name or "preemption"
+
+    def validate(self, done: int, state) -> None:
+        val_loss = evaluate(self.eval_step, state.params, self.val_batches, self.place.mesh)
+        self.progress.final["val_loss"] = self.progress.val_at[done] = val_loss
+        self.writer.write(done, {"val_loss": val_loss})
+        self.write(f"step {done:>6} | val loss {val_loss:.4f}")
+
+    def sample(self, done: int, state) -> None:
+        text = self.progress.final["sample"] = sample_text(self.mcfg, state.params, self.place, self.tcfg, self.tcfg.seed + done)
+        self.writer.text(done, "sample", text)
+        self.write(f"step {done:>6} | sample:\n{text}\n")
+
+    def save(self, done: int, state) -> None:
+        final = self.progress.final
+        metrics = {"loss": final["loss"]} if "loss" in final else {}
+        if done in self.progress.val_at:
+            metrics[checkpoint.BEST_METRIC] = self.progress.val_at[done]
+        if self.ckpt.save(done, state, data_state=self.train_batches.get_state(), config=self.run_config, metrics=metrics):
+            self.write(f"step {done:>6} | saving checkpoint to {self.ckpt.directory / str(done)}")
+
+    def record(self, done: int, m: dict[str, float]) -> None:
+        self.progress.final.update(step=done, loss=m["loss"], tokens_per_s=m["tokens_per_s"])
+
+    def log(self, done: int, m: dict[str, float]) -> None:
+        self.writer.write(done, m)
+        self.write(
+            f"step {done:>6} | loss {m['loss']:.4f} | grad norm {m['grad_norm']:.3f} | lr {m['lr']:.2e} | "
+            f"{m['tokens_per_s']:,.0f} tok/s" + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
+        )
+
+
 def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) -> dict[str, Any]:
     """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s)."""
-    say = echo if jax.process_index() == 0 else (lambda *_: None)
+    main_process = jax.process_index() == 0
+    say = echo if main_process else (lambda *_: None)
     mcfg, seq_len, attn = model_config(tcfg, mcfg)
     place = sharding.placement(mcfg, tcfg.mesh, tcfg.strategy)
     micro = tcfg.batch_size // tcfg.grad_accum
@@ -138,7 +203,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     schedule = optim.lr_schedule(tcfg.lr or optim.PEAK_LR[tcfg.size], tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
     tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
     run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
-    if jax.process_index() == 0:
+    if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         files.write_json(run_dir / "config.json", run_config)
 
@@ -153,48 +218,21 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         init = weights.load(tcfg.init_from, mcfg, placement=place)[1] if tcfg.init_from else None
         state, _ = step_lib.init_train_state_sharded(mcfg, tx, tcfg.seed, place.mesh, place.rules, init)
     train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, place.mesh, place.rules, shardings)
-    eval_step = step_lib.compile_eval_step(mcfg, place.mesh, place.rules, shardings.params)
     start_step = int(jax.device_get(state.step))
     announce(say, tcfg, mcfg, place, seq_len, attn, run_dir)
 
-    progress, writer = Progress(), MetricsWriter(run_dir, jax.process_index() == 0)
-    bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=jax.process_index() != 0, dynamic_ncols=True)
-    write = bar.write if jax.process_index() == 0 else (lambda *_: None)
-    log = Hooks()  # on each step's metrics, once they are on the host
-    log.add("progress", lambda done, m: progress.final.update(step=done, loss=m["loss"], tokens_per_s=m["tokens_per_s"]), every=1)
-    log.add("log", lambda done, m: log_line(writer, write, done, m), every=tcfg.log_every)
+    bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not main_process, dynamic_ncols=True)
+    guard = checkpoint.PreemptionGuard(ckpt)
+    work = PeriodicWork(
+        tcfg, mcfg, place, run_dir=run_dir, run_config=run_config, ckpt=ckpt, guard=guard,
+        eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, shardings.params),
+        val_batches=val_batches, train_batches=train_batches, write=bar.write if main_process else (lambda *_: None),
+    )
     meter = Meter(
-        log, bar, tokens_per_step=tcfg.batch_size * seq_len, flops_per_token=costs.flops_per_token(mcfg, seq_len),
+        work.metric_hooks(), bar, tokens_per_step=tcfg.batch_size * seq_len, flops_per_token=costs.flops_per_token(mcfg, seq_len),
         peak_flops=costs.peak_flops(jax.devices()[0]), last_step=tcfg.steps, start_step=start_step,
     )
-    guard = checkpoint.PreemptionGuard(ckpt)
-    hooks = Hooks(before=meter.flush)
-
-    def check_preemption(done, _):  # every step, on every host (a sync point on multi-host runs)
-        if guard.stop(done):
-            progress.stopping = guard.signal_name or "preemption"
-
-    def validate(done, state):
-        val_loss = progress.final["val_loss"] = progress.val_at[done] = evaluate(eval_step, state.params, val_batches, place.mesh)
-        writer.write(done, {"val_loss": val_loss})
-        write(f"step {done:>6} | val loss {val_loss:.4f}")
-
-    def sample(done, state):
-        text = progress.final["sample"] = sample_text(mcfg, state.params, place, tcfg, tcfg.seed + done)
-        writer.text(done, "sample", text)
-        write(f"step {done:>6} | sample:\n{text}\n")
-
-    def save(done, state):
-        metrics = {"loss": progress.final["loss"]} if "loss" in progress.final else {}
-        if done in progress.val_at:
-            metrics[checkpoint.BEST_METRIC] = progress.val_at[done]
-        if ckpt.save(done, state, data_state=train_batches.get_state(), config=run_config, metrics=metrics):
-            write(f"step {done:>6} | saving checkpoint to {ckpt.directory / str(done)}")
-
-    hooks.add("preemption", check_preemption, every=1, at_end=False, reads_metrics=False)
-    hooks.add("eval", validate, every=tcfg.eval_every)
-    hooks.add("sample", sample, every=tcfg.sample_every)
-    hooks.add("save", save, every=tcfg.ckpt_every, when=lambda: progress.stopping is not None)
+    hooks, progress = work.hooks(before=meter.flush), work.progress
     with guard:
         try:
             for step in bar:
@@ -216,17 +254,8 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         finally:
             ckpt.close()
             bar.close()
-            writer.close()
+            work.writer.close()
     return finish(progress, ckpt, run_dir, start_step)
-
-
-def log_line(writer: MetricsWriter, write, done: int, m: dict[str, float]) -> None:
-    """The log hook: a metrics record and a console line for step `done`."""
-    writer.write(done, m)
-    write(
-        f"step {done:>6} | loss {m['loss']:.4f} | grad norm {m['grad_norm']:.3f} | lr {m['lr']:.2e} | "
-        f"{m['tokens_per_s']:,.0f} tok/s" + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
-    )
 
 
 def announce(say, tcfg: TrainConfig, mcfg: ModelConfig, place: sharding.Placement, seq_len: int, attn, run_dir: Path) -> None:
