@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -47,5 +48,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = True, allow_nan: bool = True) -> None:
-    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
+def finite_or_none(x: Any) -> Any:
+    """`x` with every non-finite float (NaN, inf) replaced by None, recursively: strict JSON, which
+    `json.dumps` otherwise breaks by writing NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return x
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON text of `obj` (non-finite floats as null)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = True) -> None:
+    """`obj` as strict JSON (non-finite floats as null), written atomically."""
+    write_text(path, dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")

@@ -158,7 +158,7 @@ def _read(source: str | os.PathLike, seed: int) -> tuple[ModelConfig, Any]:
         try:
             return _read(ckpt_dir / str(step), seed)
         except CheckpointError as e:
-            checkpoint.warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({e}); trying the previous one")
+            checkpoint.warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({checkpoint.cause(e.__cause__ or e)}); trying the previous one")
             errors.append(str(e))
     raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
 

@@ -23,14 +23,20 @@ functions below. Loading a model from any of these is `gpt2_jax.weights.load`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
+import gc
 import json
+import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -38,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from gpt2_jax import files
 from gpt2_jax.sharding import fit_spec
 
 CONFIG_FILE = "config.json"
@@ -56,6 +64,11 @@ BEST_METRIC = "val_loss"  # lower is better
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or of the wrong kind."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A readable checkpoint that another kind of run saved (model shape, optimizer, data order):
+    not damage, so nothing on disk is touched."""
 
 
 def warn(msg: str) -> None:
@@ -92,6 +105,25 @@ def restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None 
         raise CheckpointError(f"{params_dir}: cannot be restored ({type(e).__name__}: {short_error(e)})") from e
     finally:
         handler.close()
+
+
+WARNINGS_LOG = "warnings.log"
+
+
+def cause(e: BaseException, limit: int = 180) -> str:
+    """The cause of an error in one short line: its type and its message, whose middle is cut when
+    long (storage errors put the path first and the OS error last)."""
+    text = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 5
+    return f"{text[:head]} ... {text[-(limit - head - 5):]}"
+
+
+def _details(e: BaseException) -> str:
+    """Everything about an error, for the warnings log: the chain of causes with their tracebacks."""
+    return "".join(traceback.format_exception(e))
 
 
 def short_error(e: BaseException) -> str:
@@ -241,6 +273,22 @@ def abstract_from_description(desc: dict[str, Any], mesh: jax.sharding.Mesh | No
     return out
 
 
+def structure_differences(saved: dict | None, items: Any) -> list[str]:
+    """How the tree a run would restore (`items`, abstract) differs from a checkpoint's `structure`
+    item: leaves on one side only, other shapes or dtypes. Partitioning may differ (a restore
+    reshards); an older checkpoint without a structure item has nothing to compare."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("leaves"), dict):
+        return []
+    want, have = describe(items)["leaves"], saved["leaves"]
+    diffs = [f"{k} only in the checkpoint" for k in sorted(set(have) - set(want))]
+    diffs += [f"{k} only in this run" for k in sorted(set(want) - set(have))]
+    for k in sorted(set(want) & set(have)):
+        w, h = want[k], have[k]
+        if list(w["shape"]) != list(h.get("shape", [])) or w["dtype"] != h.get("dtype"):
+            diffs.append(f"{k} {h.get('dtype')}{list(h.get('shape', []))} (now {w['dtype']}{list(w['shape'])})")
+    return diffs
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -279,8 +327,9 @@ class Checkpointer:
         self.read_only = read_only
         self.failed_steps: list[int] = []
         self._pending: int | None = None  # step of the async save in flight
-        if not read_only:
-            self._remove_unfinished()
+        # Unfinished saves are removed once this run is known to continue the run on disk (a
+        # compatible restore, or its first save), never by a start that is then refused.
+        self._cleaned = read_only
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -306,6 +355,9 @@ class Checkpointer:
 
     def _remove_unfinished(self) -> None:
         """Delete temporary folders of saves that never completed (a crash or SIGKILL mid-save)."""
+        if self._cleaned:
+            return
+        self._cleaned = True
         if jax.process_index() != 0 or not self.directory.is_dir():
             return
         for p in sorted(self.directory.iterdir()):
@@ -348,11 +400,24 @@ class Checkpointer:
             return f"not enough disk space in {self.directory} ({free / 2**20:.0f} MiB free, needs {nbytes / 2**20:.0f} MiB)"
         return None
 
-    def _report_failure(self, step: int, why: str) -> None:
+    def warn(self, message: str, detail: str | None = None) -> None:
+        """One line on stderr; `detail` (a traceback, a long storage error) goes to the run's
+        warnings log, which the line names."""
+        if detail and jax.process_index() == 0:
+            log = self.run_dir / WARNINGS_LOG
+            try:
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} {message}\n{detail}\n\n")
+                message += f" (details: {log})"
+            except OSError:
+                pass  # a read-only or full run directory: the line alone
+        warn(message)
+
+    def _report_failure(self, step: int, why: str, detail: str | None = None) -> None:
         self.failed_steps.append(step)
         kept = self.steps()
         where = f"earlier checkpoints are intact: steps {kept}" if kept else "no earlier checkpoint exists"
-        warn(f"error: checkpoint for step {step} was NOT saved: {why}; {where}")
+        self.warn(f"error: checkpoint for step {step} was NOT saved: {why}; {where}", detail)
 
     def wait(self) -> bool:
         """Block until the save in flight is on disk; report it if it failed. Returns success."""
@@ -362,7 +427,7 @@ class Checkpointer:
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # the async write raised: disk full, I/O error, ...
-            self._report_failure(step, f"{type(e).__name__}: {short_error(e)}")
+            self._report_failure(step, cause(e), _details(e))
             if jax.process_index() == 0:  # free the space the partial write took
                 shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
             return False
@@ -389,6 +454,7 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointError("this Checkpointer is read-only")
+        self._remove_unfinished()
         self.wait()
         if step in self.steps():
             return False
@@ -413,7 +479,7 @@ class Checkpointer:
         try:
             self._mgr.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # directory creation or the synchronous copy failed
-            self._report_failure(step, f"{type(e).__name__}: {short_error(e)}")
+            self._report_failure(step, cause(e), _details(e))
             shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
             return False
         self._pending = step
@@ -438,7 +504,7 @@ class Checkpointer:
                 try:
                     self._mgr.delete(info.step)
                 except Exception as e:  # deletion is housekeeping: never fatal
-                    warn(f"warning: cannot delete old checkpoint step {info.step}: {short_error(e)}")
+                    self.warn(f"warning: cannot delete old checkpoint step {info.step}: {cause(e)}", _details(e))
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -466,21 +532,50 @@ class Checkpointer:
         return Restored(step, state, data_states if data_states and any(data_states) else None,
                         r["config"] or None, self.metrics(step))
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
-        """Restore the newest readable checkpoint; damaged newer ones are reported and set aside
-        (renamed `<step>.damaged`) so that the run can save that step again. None if there is none."""
+    def restore_latest(self, abstract_state: Any, check: Callable[[dict], list[str]] | None = None) -> Restored | None:
+        """Restore the newest readable checkpoint. None if there is none.
+
+        Before any array is read, the checkpoint's structure (and, with `check`, its saved run
+        config: `check(config)` lists what differs) is compared with this run's: a difference raises
+        IncompatibleCheckpoint and touches nothing. Only a checkpoint that cannot be read (missing
+        or truncated files, unreadable metadata) is damaged: reported in one line, set aside as
+        `<step>.damaged` so that the run can save that step again, and the previous one is tried.
+        """
         for step in reversed(self.steps()):
+            step_dir = self.directory / str(step)
             try:
-                return self.restore(step, abstract_state)
+                structure, config = read_json_item(step_dir, "structure"), read_json_item(step_dir, "config")
             except CheckpointError as e:
-                warn(f"warning: newest checkpoint is damaged: {e}")
-                if not self.read_only and jax.process_index() == 0:
-                    dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
-                    shutil.rmtree(dst, ignore_errors=True)
-                    os.replace(self.directory / str(step), dst)
-                    self._mgr.reload()
-                    warn(f"moved it to {dst}; falling back to the previous checkpoint")
+                self._set_aside(step, e)
+                continue
+            differences = (check(config if isinstance(config, dict) else {}) if check else [])
+            tree = structure_differences(structure, _state_items(abstract_state))
+            if tree:
+                differences.append(f"{len(tree)} arrays of the state differ (e.g. {tree[0]})")
+            if differences:
+                raise IncompatibleCheckpoint(
+                    f"checkpoint step {step} in {self.directory} was saved by another kind of run: {'; '.join(differences)}. "
+                    "Resume with its settings, or choose another run_dir= (nothing was changed on disk)"
+                )
+            try:
+                restored = self.restore(step, abstract_state)
+            except CheckpointError as e:
+                self._set_aside(step, e)
+                continue
+            self._remove_unfinished()
+            return restored
         return None
+
+    def _set_aside(self, step: int, e: CheckpointError) -> None:
+        """Report a damaged checkpoint in one line and rename it `<step>.damaged` (process 0)."""
+        moved = ""
+        if not self.read_only and jax.process_index() == 0:
+            dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(self.directory / str(step), dst)
+            self._mgr.reload()
+            moved = f", set aside as {dst.name}"
+        self.warn(f"warning: newest checkpoint is damaged: {self.directory / str(step)} ({cause(e.__cause__ or e)}){moved}; trying the previous one", _details(e))
 
     def close(self) -> bool:
         ok = self.wait()
@@ -567,6 +662,210 @@ class PreemptionGuard:
 
 
 # --------------------------------------------------------------------------------------------
+# The history of a run's configs: one record per start
+# --------------------------------------------------------------------------------------------
+
+HISTORY_FILE = "config_history.jsonl"
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(old: dict | None, new: dict) -> dict[str, list]:
+    """{"train.lr": [old, new], ...}: the settings that differ between two run configs."""
+    if old is None:
+        return {}
+    a, b = _flat(old), _flat(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The start records of a run, oldest first (lines that are not records are skipped)."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def record_start(run_dir: str | os.PathLike, run_config: dict, start_step: int) -> dict[str, list]:
+    """Append this start (time, step, host, pid, resolved config, what changed since the previous
+    start) to the run's history and make `run_config` the current config.json. Returns the changes."""
+    run_dir = Path(run_dir)
+    history = read_history(run_dir)
+    previous = history[-1].get("config") if history else None
+    if previous is None and (run_dir / CONFIG_FILE).is_file():  # a run from before the history
+        try:
+            previous = json.loads((run_dir / CONFIG_FILE).read_text())
+        except ValueError:
+            previous = None
+    changes = config_changes(previous, run_config)
+    record = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "start_step": start_step, "host": socket.gethostname(), "pid": os.getpid(),
+        "changed": changes, "config": run_config,
+    }
+    with open(run_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    files.write_json(run_dir / CONFIG_FILE, run_config)
+    return changes
+
+
+# --------------------------------------------------------------------------------------------
+# Library logs of a run (Orbax, TFDS and asyncio report storage errors as multi-line tracebacks)
+# --------------------------------------------------------------------------------------------
+
+LIBRARY_LOG = "library.log"
+
+
+@contextlib.contextmanager
+def library_logs_to(run_dir: str | os.PathLike):
+    """Send what Orbax and TFDS log through absl, asyncio's task errors and Python's "Exception
+    ignored" reports to RUN_DIR/library.log instead of the console while the block runs: the console
+    keeps the project's one-line reports, which name the file."""
+    path = Path(run_dir).absolute() / LIBRARY_LOG
+    try:
+        stream = open(path, "a", encoding="utf-8")
+    except OSError:  # a read-only run directory: leave the logs where they were
+        yield
+        return
+    file_handler = logging.StreamHandler(stream)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved_handlers = root.handlers[:]
+    absl_handler = absl_logging.get_absl_handler().python_handler
+    saved_stream, saved_hook = absl_handler.stream, sys.unraisablehook
+
+    def unraisable(info):  # "Exception ignored in <coroutine ...>" from a failed async write
+        stream.write(f"{info.err_msg or 'Exception ignored in'}: {info.object!r}\n")
+        stream.write("".join(traceback.format_exception(info.exc_type, info.exc_value, info.exc_traceback)))
+
+    # Orbax logs through absl, which writes either through its own handler or, without absl.app,
+    # through the root logger's; asyncio logs through the root logger too.
+    root.handlers = [file_handler]
+    absl_handler.stream = stream
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        gc.collect()  # a failed async write's coroutines report themselves when collected: here, not at exit
+        root.handlers = saved_handlers
+        absl_handler.stream = saved_stream
+        sys.unraisablehook = saved_hook
+        stream.close()
+
+
+def library_logs_at_exit_to(run_dir: str | os.PathLike) -> None:
+    """For a process about to exit after training: what is reported while it shuts down (asyncio's
+    "exception was never retrieved" for a failed async write, "Exception ignored" from collected
+    coroutines) goes to RUN_DIR/library.log as well, not to the console."""
+    path = Path(run_dir).absolute() / LIBRARY_LOG
+    if not path.parent.is_dir():
+        return
+    handler = logging.FileHandler(path, delay=True, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().handlers = [handler]
+
+    def unraisable(info):
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{info.err_msg or 'Exception ignored in'}: {info.object!r}\n")
+                f.write("".join(traceback.format_exception(info.exc_type, info.exc_value, info.exc_traceback)))
+        except OSError:
+            pass
+
+    sys.unraisablehook = unraisable
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per run directory
+# --------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class RunDirInUse(CheckpointError):
+    """Another live process is training in this run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by one training process for the whole run.
+
+    It is an `flock` on RUN_DIR/.lock, which the kernel drops when its holder exits however it exits
+    (SIGKILL included): a lock left by a killed process is taken over by the next start. The file
+    names the holder (host, pid, start time) so that a refused start can say who holds it. On a
+    multi-host run, process 0 holds it for all. Works on local disks and on NFS, where Linux maps
+    flock to NFS byte-range locks.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir).absolute() / LOCK_FILE
+        self._fd: int | None = None
+        self.previous: dict | None = None  # the holder recorded by a process that did not release it
+
+    def _holder(self, fd: int) -> dict | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 4096).decode("utf-8", errors="replace")
+            holder = json.loads(text) if text.strip() else None
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd) or {}
+            os.close(fd)
+            raise RunDirInUse(
+                f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                f"(since {holder.get('started', '?')}); wait for that run to end, stop it, or choose another run_dir="
+            ) from None
+        self.previous = self._holder(fd)
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # a clean exit leaves no holder behind
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------
 # What `python -m gpt2_jax.checkpoint ls RUN_DIR` prints
 # --------------------------------------------------------------------------------------------
 
@@ -611,6 +910,13 @@ def list_run(run_dir: Path) -> str:
         why = ("unfinished save, deleted when training resumes" if TMP_SUFFIX in name
                else "damaged, set aside" if name.endswith(DAMAGED_SUFFIX) else "not a checkpoint")
         lines.append(f"{'':>8}  {name} ({why})")
+    history = read_history(ckpt_dir.parent)
+    if history:
+        lines.append(f"starts ({HISTORY_FILE}):")
+        for h in history:
+            changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in h.get("changed", {}).items()) or (
+                "first start" if h is history[0] else "no change")
+            lines.append(f"  {h.get('time', '?')}  step {h.get('start_step', '?'):>6}  pid {h.get('pid', '?')} on {h.get('host', '?')}: {changed}")
     if steps:
         try:
             cfg = read_json_item(ckpt_dir / str(steps[-1]), "config")

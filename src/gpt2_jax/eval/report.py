@@ -140,18 +140,7 @@ def render_table(report: dict[str, Any], *, compare_paper: bool = False, markdow
     return "\n".join(lines + [f"({n})" for n in notes])
 
 
-def _finite(x: Any) -> Any:
-    """NaN/inf (an empty split's perplexity) -> None, so the report is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """`report` as strict JSON (NaN/inf as null), replacing `path` in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json(path, _finite(report), sort_keys=False, allow_nan=False)
+    files.write_json(path, report, sort_keys=False)

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gpt2_jax import sharding
+from gpt2_jax import checkpoint, sharding
+from gpt2_jax.checkpoint import CheckpointError, RunDirInUse
 from gpt2_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig, parse_overrides
 from gpt2_jax.data import DataError
 from gpt2_jax.sharding import ShardingError
@@ -65,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
         sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
         run_dir = Path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
-        final = train(tcfg, mcfg, run_dir)
-    except (ConfigError, ShardingError, DataError) as e:
+        try:
+            final = train(tcfg, mcfg, run_dir)
+        finally:
+            if jax.process_index() == 0:
+                checkpoint.library_logs_at_exit_to(run_dir)
+    except (ConfigError, ShardingError, DataError, RunDirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (TrainingError, OSError) as e:  # OSError: e.g. a run directory that is not writable
+    except (TrainingError, CheckpointError, OSError) as e:  # OSError: e.g. a run directory that is not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
     if final.get("stopped"):

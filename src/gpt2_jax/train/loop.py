@@ -6,6 +6,7 @@ model configs), metrics.jsonl, tensorboard/, checkpoints/, and final.json when t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,23 +68,43 @@ def model_config(tcfg: TrainConfig, mcfg: ModelConfig) -> tuple[ModelConfig, int
     return replace(mcfg, attention=attn.impl), seq_len, attn
 
 
+# What a resume may change: how the run is laid out and driven (mesh and strategy: the checkpoint is
+# resharded; grad_accum, the learning-rate schedule and steps, dropout, compute dtype, remat,
+# attention, and the eval/sample/log/checkpoint periods). What it may not: the model's shape and
+# parameter layout (the saved arrays would not fit) and the order of the data (data set, batch size,
+# sequence length, seed): the data iterator's saved position means nothing under other settings.
+FIXED_MODEL_KEYS = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size", "pad_vocab_multiple", "scan_layers", "param_dtype")
+FIXED_TRAIN_KEYS = ("dataset", "finetune_data", "batch_size", "seed")
+
+
+def resume_differences(saved: dict, tcfg: TrainConfig, mcfg: ModelConfig) -> list[str]:
+    """The settings of a checkpoint's run (`saved`: its run config) that this run may not change."""
+    model, train_ = saved.get("model") or {}, saved.get("train") or {}
+    out = [f"{k}={model[k]} (now {getattr(mcfg, k)})" for k in FIXED_MODEL_KEYS if k in model and model[k] != getattr(mcfg, k)]
+    out += [f"{k}={train_[k]!r} (now {getattr(tcfg, k)!r})" for k in FIXED_TRAIN_KEYS if k in train_ and train_[k] != getattr(tcfg, k)]
+    if "seq_len" in train_ and "n_ctx" in model:  # 0 means the model's context: compare what is used
+        then, now = train_["seq_len"] or model["n_ctx"], tcfg.seq_len or mcfg.n_ctx
+        if then != now:
+            out.append(f"seq_len={then} (now {now})")
+    return out
+
+
 def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, target, train_batches, echo):
     """`(state, restored)`: the run's newest readable checkpoint restored onto `target` (a tree of
     ShapeDtypeStructs with shardings), the data iterator moved to where it was; `(None, None)`
-    when the run has no checkpoint yet."""
+    when the run has no checkpoint yet. A checkpoint of another kind of run is refused before
+    anything is read or changed (ConfigError)."""
     steps = ckpt.steps()
     if not steps:
         return None, None
     if not tcfg.resume:
         raise ConfigError(f"{ckpt.directory} already holds checkpoints (steps {steps}); resume=true continues that run, or choose another run_dir=")
-    restored = ckpt.restore_latest(target)
+    try:
+        restored = ckpt.restore_latest(target, check=lambda saved: resume_differences(saved, tcfg, mcfg))
+    except checkpoint.IncompatibleCheckpoint as e:
+        raise ConfigError(str(e)) from None
     if restored is None:
         raise TrainingError(f"no checkpoint in {ckpt.directory} could be restored (see above)")
-    saved = (restored.config or {}).get("model", {})
-    keys = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size", "pad_vocab_multiple", "scan_layers")
-    diff = [f"{k}={saved[k]} (now {getattr(mcfg, k)})" for k in keys if k in saved and saved[k] != getattr(mcfg, k)]
-    if diff:
-        raise ConfigError(f"checkpoint step {restored.step} in {ckpt.directory} has another model shape: {', '.join(diff)}")
     if restored.data_states:
         try:
             train_batches.set_state(restored.data_state)
@@ -91,6 +112,32 @@ def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, target, train_batches, ec
             raise ConfigError(f"cannot resume the data iterator of checkpoint step {restored.step}: {e}") from None
     echo(f"resumed from checkpoint step {restored.step} in {ckpt.directory}" + (" (init_from= ignored)" if tcfg.init_from else ""))
     return restored.state, restored
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: Path, say):
+    """Hold the run directory for the run: its lock (process 0 for all processes; a second start is
+    refused at once), and the libraries' multi-line logs sent to a file in it."""
+    main_process = jax.process_index() == 0
+    with contextlib.ExitStack() as stack:
+        error = None
+        if main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = stack.enter_context(checkpoint.RunLock(run_dir))
+            except checkpoint.RunDirInUse as e:
+                error = e
+        if jax.process_count() > 1:  # every process learns whether process 0 got the lock
+            refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+            if int(refused) and error is None:
+                error = checkpoint.RunDirInUse(f"{run_dir} is in use by another run (see process 0)")
+        if error is not None:
+            raise error
+        if main_process:
+            if lock.previous:
+                say(f"took over the run directory from pid {lock.previous.get('pid')} on {lock.previous.get('host')}, which ended without releasing it")
+            stack.enter_context(checkpoint.library_logs_to(run_dir))
+        yield
 
 
 def evaluate(eval_step, params, batches, mesh) -> float:
@@ -128,11 +175,11 @@ class PeriodicWork:
     They share the run's metrics writer, console and `Progress`; each takes (finished steps, state).
     """
 
-    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write):
+    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write, resumed_from):
         self.tcfg, self.mcfg, self.place = tcfg, mcfg, place
         self.run_config, self.ckpt, self.guard, self.write = run_config, ckpt, guard, write
         self.eval_step, self.val_batches, self.train_batches = eval_step, val_batches, train_batches
-        self.writer = MetricsWriter(run_dir, jax.process_index() == 0)
+        self.writer = MetricsWriter(run_dir, jax.process_index() == 0, resumed_from)
         self.progress = Progress()
 
     def hooks(self, before) -> Hooks:
@@ -188,9 +235,14 @@ class PeriodicWork:
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) -> dict[str, Any]:
     """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s)."""
-    main_process = jax.process_index() == 0
-    say = echo if main_process else (lambda *_: None)
+    say = echo if jax.process_index() == 0 else (lambda *_: None)
     mcfg, seq_len, attn = model_config(tcfg, mcfg)
+    with run_directory(run_dir, say):
+        return _train(tcfg, mcfg, seq_len, attn, run_dir, say)
+
+
+def _train(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int, attn, run_dir: Path, say) -> dict[str, Any]:
+    main_process = jax.process_index() == 0
     place = sharding.placement(mcfg, tcfg.mesh, tcfg.strategy)
     micro = tcfg.batch_size // tcfg.grad_accum
     sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, place.mesh)
@@ -203,10 +255,6 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     schedule = optim.lr_schedule(tcfg.lr or optim.PEAK_LR[tcfg.size], tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
     tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
     run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_json(run_dir / "config.json", run_config)
-
     abstract, shardings = step_lib.state_shardings(mcfg, tx, place.mesh, place.rules)
     if place.mesh.size > 1:
         sharding.check_params_sharded(shardings.params, tcfg.strategy, shapes=abstract.params)
@@ -219,6 +267,10 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         state, _ = step_lib.init_train_state_sharded(mcfg, tx, tcfg.seed, place.mesh, place.rules, init)
     train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, place.mesh, place.rules, shardings)
     start_step = int(jax.device_get(state.step))
+    if main_process:
+        changes = checkpoint.record_start(run_dir, run_config, start_step)
+        if restored is not None and changes:
+            say("changed since the last start: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     announce(say, tcfg, mcfg, place, seq_len, attn, run_dir)
 
     bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not main_process, dynamic_ncols=True)
@@ -227,6 +279,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
         tcfg, mcfg, place, run_dir=run_dir, run_config=run_config, ckpt=ckpt, guard=guard,
         eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, shardings.params),
         val_batches=val_batches, train_batches=train_batches, write=bar.write if main_process else (lambda *_: None),
+        resumed_from=start_step,
     )
     meter = Meter(
         work.metric_hooks(), bar, tokens_per_step=tcfg.batch_size * seq_len, flops_per_token=costs.flops_per_token(mcfg, seq_len),
