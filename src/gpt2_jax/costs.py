@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import abstract_params, count_params
+from gpt2_jax.model import abstract_params
 
 # Peak dense bfloat16 FLOP/s per device, keyed by a substring of `jax.devices()[0].device_kind`;
 # the first match wins, so the more specific names come first. Sources: NVIDIA's H100/H200/A100
@@ -60,7 +60,7 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
     lookup); 6N is the forward+backward matmuls, 12*L*H*Q*T the attention scores and mixing, with L
     layers, H heads of width Q and T the sequence length.
     """
-    n = count_params(mcfg) - mcfg.n_ctx * mcfg.n_embd
+    n = mcfg.n_params - (mcfg.padded_vocab_size - mcfg.vocab_size) * mcfg.n_embd - mcfg.n_ctx * mcfg.n_embd
     return 6.0 * n + 12.0 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax import checkpoint, convert, files
@@ -163,6 +164,36 @@ def _read(source: str | os.PathLike, seed: int) -> tuple[ModelConfig, Any]:
     raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
 
 
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@jax.jit
+def _nonfinite(params: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.sum(~jnp.isfinite(x)), params)
+
+
+def check_values(params: Any, where: str, *, allow_nonfinite: bool = False) -> None:
+    """Refuse weights of another dtype than float32/float16/bfloat16, and weights holding NaN or
+    inf unless `allow_nonfinite` (the count per tensor is named either way)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, x in leaves:
+        if np.dtype(x.dtype).name not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{where}: tensor {_name(path)} is stored as {np.dtype(x.dtype).name}; weights must be {', '.join(WEIGHT_DTYPES)}")
+    counts = [(path, int(n)) for path, n in jax.tree_util.tree_leaves_with_path(jax.device_get(_nonfinite(params)))]
+    bad = [f"{_name(path)} ({n:,})" for path, n in counts if n]
+    if bad and not allow_nonfinite:
+        raise CheckpointError(
+            f"{where}: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "refusing them (allow_nonfinite / --allow-nonfinite loads them anyway)"
+        )
+    if bad:
+        checkpoint.warn(f"warning: {where}: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:5])}")
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def fit(params: Any, source: ModelConfig, config: ModelConfig, where: str = "weights") -> Any:
     """`params` of a model shaped like `source`, in the layout, vocabulary padding and parameter dtype
     of `config`. The architecture (layers, width, heads, context, vocabulary) must be the same."""
@@ -195,14 +226,17 @@ def load(
     *,
     placement: Placement | None = None,
     seed: int = 0,
+    allow_nonfinite: bool = False,
 ) -> tuple[ModelConfig, Any]:
     """`(config, params)` from any source (see the module docstring).
 
+    Every tensor must be float32, float16 or bfloat16 and hold finite values (`check_values`).
     With `config`, the params are fitted to it (`fit`) and `config` is returned; with `placement`
     they are put on its mesh (FSDP-sharded by its rules), otherwise they stay where they were read
     (host memory, or this process's first device). `seed` is used by random:SIZE only.
     """
     source_cfg, params = _read(source, seed)
+    check_values(params, str(source), allow_nonfinite=allow_nonfinite)
     cfg = source_cfg if config is None else config
     params = fit(params, source_cfg, cfg, str(source))
     if placement is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 # The true GPT-2 vocabulary: 50,000 merges + 256 byte tokens + <|endoftext|>.
@@ -20,6 +21,70 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 class ConfigError(ValueError):
     """A configuration value or override that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: [low, high], either end open when so marked."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (self.low < x if self.low_open else self.low <= x) and (x < self.high if self.high_open else x <= self.high)
+
+    def __str__(self) -> str:
+        show = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+        return f"{'(' if self.low_open else '['}{show(self.low)}, {show(self.high)}{')' if self.high_open else ']'}"
+
+
+PROBABILITY = Range(0.0, 1.0, high_open=True)
+# Bounds far beyond any GPT-2 yet small enough that a typo (n_layer=1000000000) is refused at once,
+# before anything is built; what fits a device is the memory preflight's to say.
+MODEL_RANGES = {
+    "vocab_size": Range(1, 1 << 24), "n_ctx": Range(1, 1 << 20), "n_embd": Range(1, 1 << 16),
+    "n_layer": Range(1, 4096), "n_head": Range(1, 1 << 12), "pad_vocab_multiple": Range(1, 1 << 16),
+    "layer_norm_epsilon": Range(0.0, 1.0, low_open=True), "initializer_range": Range(0.0, 10.0, low_open=True),
+    "embd_pdrop": PROBABILITY, "attn_pdrop": PROBABILITY, "resid_pdrop": PROBABILITY,
+}
+
+
+def check_fields(cfg, ranges: dict[str, Range]) -> None:
+    """Check every field of a frozen config dataclass against the type of its default and its range.
+
+    Integers must be integers (a float with an integral value, as JSON writers produce, becomes the
+    integer), floats finite numbers, booleans booleans, strings strings; one line names the field,
+    its value and what is expected.
+    """
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), type(f.default)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+            continue
+        if kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(f"{f.name} must be a string, got {value!r}")
+            continue
+        if kind not in (int, float):
+            continue
+        valid = ranges.get(f.name)
+        where = f" in {valid}" if valid else ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{f.name} must be {'an integer' if kind is int else 'a number'}{where}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number{where}, got {value!r}")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"{f.name} must be an integer{where}, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        object.__setattr__(cfg, f.name, value)
+        if valid is not None and value not in valid:
+            raise ConfigError(f"{f.name} must be {'an integer' if kind is int else 'a number'}{where}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,21 +112,12 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
+        check_fields(self, MODEL_RANGES)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head", "pad_vocab_multiple"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"unknown remat_policy {self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(DTYPES)}")
+        for name, valid in (("remat_policy", REMAT_POLICIES), ("attention", ATTENTION_IMPLS), ("dtype", DTYPES), ("param_dtype", DTYPES)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +131,14 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return -(-self.vocab_size // m) * m
+
+    @property
+    def n_params(self) -> int:
+        """Parameters, the padded vocabulary rows included, counted from the shapes alone: per
+        layer 12 D^2 + 13 D (c_attn, c_proj, c_fc, c_proj with biases, two LayerNorms), plus wte,
+        wpe and ln_f (`model.count_params` counts the built tree and agrees)."""
+        D = self.n_embd
+        return self.padded_vocab_size * D + self.n_ctx * D + self.n_layer * (12 * D * D + 13 * D) + 2 * D
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,7 +184,16 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         try:
             return int(value.replace("_", ""))
         except ValueError:
-            pass
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
+                raise ConfigError(f"{name} must be an integer, got {value}") from None
+    elif kind is int and isinstance(value, float) and not isinstance(value, bool):
+        return value  # checked (integral or not) by the dataclass
     elif kind is float and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
             return float(value)
@@ -152,5 +225,8 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         key, sep, value = a.lstrip("-").partition("=")
         if not sep or not key:
             raise ConfigError(f"override {a!r} is not of the form key=value")
-        out[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if key in out:
+            raise ConfigError(f"{key} is given twice ({key}={out[key]} and {key}={value}); give it once")
+        out[key] = value
     return out

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from gpt2_jax.config import SIZES, ConfigError, get_model_config, parse_overrides
-from gpt2_jax.model import count_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(cfg.to_json())
-    print(f"{args.size}: {count_params(cfg):,} parameters")
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd  # counted from the shapes: instant at any size
+    print(f"{args.size}: {cfg.n_params - padding:,} parameters")
     return 0
 

@@ -70,21 +70,15 @@ def _read_state(path: Path) -> dict[str, np.ndarray]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A `ModelConfig` from an HF GPT-2 `config.json` dict, refusing variants we do not implement."""
+    """A `ModelConfig` from an HF GPT-2 `config.json` dict: every field type- and range-checked (by
+    ModelConfig), variants we do not implement refused."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ConversionError(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
-    n_embd = hf["n_embd"]
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise ConversionError(f"n_inner={hf['n_inner']} is not 4 * n_embd; only GPT-2's MLP width is supported")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ConversionError(f"activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
-        raise ConversionError("attention scaling differs from GPT-2's 1/sqrt(head_dim)")
     try:
-        return ModelConfig(
+        cfg = ModelConfig(
             vocab_size=hf["vocab_size"],
             n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            n_embd=n_embd,
+            n_embd=hf["n_embd"],
             n_layer=hf["n_layer"],
             n_head=hf["n_head"],
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
@@ -93,8 +87,17 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             resid_pdrop=hf.get("resid_pdrop", 0.1),
             initializer_range=hf.get("initializer_range", 0.02),
         )
-    except (ConfigError, TypeError) as e:
-        raise ConversionError(f"config.json does not describe a valid GPT-2: {e}") from e
+    except KeyError as e:
+        raise ConversionError(f"config.json has no {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise ConversionError(f"config.json does not describe a valid GPT-2: {e}") from None
+    if hf.get("n_inner") not in (None, 4 * cfg.n_embd):
+        raise ConversionError(f"n_inner={hf['n_inner']} is not 4 * n_embd; only GPT-2's MLP width is supported")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConversionError(f"activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise ConversionError("attention scaling differs from GPT-2's 1/sqrt(head_dim)")
+    return cfg
 
 
 def _expect(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], where: Path) -> np.ndarray:
@@ -103,8 +106,8 @@ def _expect(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...], wher
     x = state[key]
     if tuple(x.shape) != shape:
         raise ConversionError(f"{where}: weight {key} has shape {tuple(x.shape)}, config.json implies {shape}")
-    if not (x.dtype.kind == "f" or x.dtype.name == "bfloat16"):
-        raise ConversionError(f"{where}: weight {key} is stored as {x.dtype}; GPT-2 weights are floating point")
+    if x.dtype.name not in ("float32", "float16", "bfloat16"):
+        raise ConversionError(f"{where}: tensor {key} is stored as {x.dtype}; weights must be float32, float16 or bfloat16")
     return np.asarray(x, dtype=np.float32)
 
 

@@ -29,21 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("to-hf", help="gpt2_jax checkpoint -> HF GPT-2 directory (loads with from_pretrained)")
     p.add_argument("checkpoint", help="a gpt2_jax params-only checkpoint, training checkpoint or run directory")
     p.add_argument("out", help="output HF directory")
+    for p in sub.choices.values():
+        p.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or inf (refused by default)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "inspect":
+        if args.command in ("inspect", "from-hf"):  # the checks `weights.load` makes for generate and eval
             cfg, params = convert.load_hf(args.hf_dir)
+            weights.check_values(params, args.hf_dir, allow_nonfinite=args.allow_nonfinite)
+        if args.command == "inspect":
             n = sum(np.asarray(x).size for x in jax.tree.leaves(params)) - (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
             print(json.dumps(cfg.to_dict(), indent=2))
             print(f"{args.hf_dir}: GPT-2 with {n:,} parameters")
         elif args.command == "from-hf":
-            cfg, params = convert.load_hf(args.hf_dir)
             out = weights.save_params(args.out, cfg, params)
             print(f"wrote {out}")
         else:
             if weights.kind(args.checkpoint) not in ("params", "step", "run"):
                 raise CheckpointError(f"{args.checkpoint} is not a gpt2_jax checkpoint")
-            cfg, params = weights.load(args.checkpoint)
+            cfg, params = weights.load(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
             out = convert.save_hf(cfg, params, args.out)
             print(f"wrote {out}")
     except (convert.ConversionError, ConfigError, CheckpointError, OSError) as e:

@@ -8,12 +8,15 @@ $GPT2_JAX_DATA_DIR, or `--manual-dir`) and downloaded from their real URLs other
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
 import lzma
 import os
 import re
+import shutil
 import sys
 import tarfile
 import urllib.request
@@ -450,17 +453,39 @@ def build(dataset: str, *, cache_dir: Path, manual_root: Path | None, **options)
     return builder, "text", {"dataset": dataset, **builder.description()}
 
 
+@contextlib.contextmanager
+def _building(builder):
+    """Hold the build of `builder` (an flock beside its version folders) and remove the temporary
+    `incomplete.*` folders TFDS left there when a build was killed: with the lock held, no live build
+    owns one."""
+    parent = Path(os.fspath(builder.data_path)).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / ".build.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            for stale in sorted(parent.glob("incomplete.*")):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                    warn(f"removed {stale}, left by a build that did not finish")
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _download_and_prepare(builder, manual: Path | None) -> None:
     # TFDS's stacked progress bars interleave with errors; prepare shows its own bar.
     tfds.disable_progress_bar()
     print(f"building {builder.name} with TFDS in {builder.data_path} ...", file=sys.stderr)
     config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
-    try:
-        builder.download_and_prepare(download_config=config)
-    except DataError:
-        raise
-    except Exception as e:  # TFDS raises many types (checksums, network, I/O); keep one line
-        raise DataError(f"{builder.name}: building the TFDS data set failed: {_first_line(e)}") from e
+    with _building(builder):
+        if builder.is_prepared():  # another process built it while this one waited
+            return
+        try:
+            builder.download_and_prepare(download_config=config)
+        except DataError:
+            raise
+        except Exception as e:  # TFDS raises many types (checksums, network, I/O); keep one line
+            raise DataError(f"{builder.name}: building the TFDS data set failed: {_first_line(e)}") from e
 
 
 def _catalog(spec: str, *, cache_dir: Path, manual_root: Path | None, feature: str = "text", **options):

@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt2_jax import weights
+import jax
+
+from gpt2_jax import memory, weights
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.eval.report import evaluate, render_table, write_report
 from gpt2_jax.eval.tasks import DATA_DIR_ENV, SPLITS, TASKS, EvalError, Options, parse_tasks
 
 
-def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Any, str]:
+def load_model(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[ModelConfig, Any, str]:
     """(config, params, kind) of `--model` through the one loader (`weights.load`); kind is
     "huggingface" for an HF directory and "gpt2_jax" for the project's own checkpoints."""
     path = Path(path)
@@ -24,10 +26,28 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, Any, str]:
         raise EvalError(f"--model {path}: not a directory")
     try:
         kind = "huggingface" if weights.kind(path) == "huggingface" else "gpt2_jax"
-        config, params = weights.load(path)
+        config, params = weights.load(path, allow_nonfinite=allow_nonfinite)
     except (CheckpointError, ConfigError, OSError) as e:
         raise EvalError(f"--model {path}: {e}") from e
     return config, params, kind
+
+
+def preflight(path: str | os.PathLike, batch_size: int) -> None:
+    """Refuse, before any weight is read, a batch that cannot fit the local devices (the Scorer
+    places the parameters FSDP over them and scores windows of up to n_ctx tokens)."""
+    path = Path(path)
+    if not path.is_dir():
+        return  # load_model says why
+    try:
+        cfg = weights.load_config(path)
+    except (CheckpointError, ConfigError, OSError) as e:
+        raise EvalError(f"--model {path}: {e}") from e
+    n = len(jax.local_devices())
+    estimate = memory.eval_estimate(cfg, rows_per_device=-(-batch_size // n), seq_len=cfg.n_ctx, param_shards=n)
+    try:
+        memory.check(estimate, f"scoring batches of {batch_size} rows of {cfg.n_ctx} tokens", "lower --batch-size")
+    except memory.PreflightError as e:
+        raise EvalError(str(e)) from None
 
 
 def _data_layout() -> str:
@@ -73,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="'paper': add the GPT-2 paper's Table 3 figure for the model's size")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--output", default="eval_results.json", help="JSON report path (default eval_results.json)")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or inf (refused by default)")
     args = parser.parse_args(argv)
     try:
         tasks = parse_tasks(args.task)
@@ -82,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--stride must be positive, got {args.stride}")
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             raise EvalError("--batch-size and --limit must be positive")
-        config, params, kind = load_model(args.model)
+        preflight(args.model, args.batch_size)
+        config, params, kind = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
         if args.stride is not None and args.stride > config.n_ctx:
             raise EvalError(f"--stride {args.stride} exceeds the model's context n_ctx={config.n_ctx}")
         opts = Options(Path(args.data_dir), split=args.split, stride=args.stride, limit=args.limit,

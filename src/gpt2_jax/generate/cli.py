@@ -9,10 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2_jax import convert, prompts, weights
+import jax
+
+from gpt2_jax import convert, memory, prompts, weights
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ConfigError
-from gpt2_jax.generate import EOT_ID, GenerationError, Generator, SamplingConfig, encode_prompt
+from gpt2_jax.generate import EOT_ID, GenerationError, Generator, SamplingConfig, encode_prompt, prompt_bucket
 from gpt2_jax.tokenizer import get_tokenizer
 
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--task summarize: 2, as the paper's summaries)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same text")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or inf (refused by default)")
     p.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt longer than the context minus --max-new-tokens: refuse it, or keep its last tokens")
     return p
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerationError("--input/--output go with --task")
         if args.num_samples < 1 or args.batch_size < 1:
             raise GenerationError("--num-samples and --batch-size must be positive")
+        if not 0 <= args.seed < 2**32:  # a 32-bit seed: a larger one would wrap around silently
+            raise GenerationError(f"--seed must be in [0, {2**32 - 1}], got {args.seed}")
         if args.task is not None:
             sampling = _sampling_from_args(args, **prompts.TASKS[args.task].sampling)
         else:
@@ -104,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             text = args.prompt if args.prompt is not None else _read_prompt_file(args.prompt_file)
             prompt_tokens = encode_prompt(text)
-        cfg, params = weights.load(args.model, seed=args.seed)
+        cfg = weights.load_config(args.model)
+        rows = min(args.batch_size, len(records)) if args.task is not None else args.num_samples
+        prompt_len = cfg.n_ctx - sampling.max_new_tokens if args.task is not None else len(prompt_tokens)
+        preflight(cfg, rows, prompt_len, sampling.max_new_tokens)
+        cfg, params = weights.load(args.model, seed=args.seed, allow_nonfinite=args.allow_nonfinite)
         gen = Generator(cfg, params)
         if args.task is not None:
             report = prompts.run_task(
@@ -118,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def preflight(cfg, rows: int, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, before any weight is read, a generation that cannot fit the local devices (the rows
+    split over them when they divide evenly, the parameters FSDP-sharded over them)."""
+    if max_new_tokens >= cfg.n_ctx:
+        return  # refused with its reason when the prompts are fitted
+    n = len(jax.local_devices())
+    bucket = prompt_bucket(max(1, prompt_len), cfg.n_ctx, max_new_tokens)
+    estimate = memory.generate_estimate(
+        cfg, rows_per_device=rows // n if rows % n == 0 else rows, prompt_len=bucket,
+        total_len=bucket + max_new_tokens, param_shards=n,
+    )
+    memory.check(estimate, f"generating {rows} row(s) of {bucket} + {max_new_tokens} tokens",
+                 "lower --num-samples (--batch-size with --task) or --max-new-tokens")
 
 
 def _read_prompt_file(path: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from gpt2_jax.config import DTYPES, SIZES, ConfigError, ModelConfig, get_model_config, replace
+from gpt2_jax.config import DTYPES, PROBABILITY, SIZES, ConfigError, ModelConfig, Range, check_fields, get_model_config, replace
 from gpt2_jax.sharding import STRATEGIES
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -70,22 +70,28 @@ class TrainConfig:
     completion_template: str = "{completion}"
 
     def __post_init__(self):
+        check_fields(self, TRAIN_RANGES)
         if self.size not in SIZES:
             raise ConfigError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
         if self.compute_dtype not in ("auto",) + DTYPES:
             raise ConfigError(f"unknown compute_dtype {self.compute_dtype!r}; valid: auto, {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        for name in ("batch_size", "grad_accum", "steps", "sample_tokens", "top_k", "log_every", "ckpt_keep"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "eval_every", "eval_batches", "sample_every", "lr", "weight_decay", "grad_clip", "ckpt_every", "ckpt_keep_best"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+
+
+_COUNT = Range(1, 1 << 40)
+_PERIOD = Range(0, 1 << 40)
+TRAIN_RANGES = {
+    "seq_len": Range(0, 1 << 20), "batch_size": Range(1, 1 << 24), "grad_accum": Range(1, 1 << 24), "steps": _COUNT,
+    "lr": Range(0.0, 10.0), "warmup_steps": _PERIOD, "min_lr_ratio": Range(0.0, 1.0), "weight_decay": Range(0.0, 10.0),
+    "b1": PROBABILITY, "b2": PROBABILITY, "eps": Range(0.0, 1.0, low_open=True), "grad_clip": Range(0.0, 1e9),
+    "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "sample_every": _PERIOD,
+    "sample_tokens": Range(1, 1 << 20), "top_k": Range(1, 1 << 24), "log_every": _COUNT,
+    "seed": Range(0, 2**32 - 1),  # jax.random keys take 32-bit seeds: a larger one would wrap silently
+    "ckpt_every": _PERIOD, "ckpt_keep": Range(1, 1 << 20), "ckpt_keep_best": Range(0, 1 << 20),
+}
 
 
 # ModelConfig fields that TrainConfig sets, so that one value cannot come from two places.

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gpt2_jax import attention, checkpoint, costs, data, files, finetune, optim, sharding, step as step_lib, weights
+from gpt2_jax import attention, checkpoint, costs, data, files, finetune, memory, optim, sharding, step as step_lib, weights
 from gpt2_jax.config import ConfigError, ModelConfig, replace
 from gpt2_jax.data import DataError
 from gpt2_jax.generate import Generator, SamplingConfig
@@ -160,6 +161,15 @@ def sample_text(mcfg: ModelConfig, params, place: sharding.Placement, tcfg: Trai
     return tcfg.sample_prompt + tok.decode(result.rows()[0])
 
 
+def abstract_batch(tcfg: TrainConfig, seq_len: int, place: sharding.Placement) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a step takes, as shapes: tokens [B, T+1], and for fine-tuning the mask [B, T]."""
+    rows = sharding.batch_sharding(place.mesh)
+    batch = {"tokens": jax.ShapeDtypeStruct((tcfg.batch_size, seq_len + 1), jnp.int32, sharding=rows)}
+    if tcfg.finetune_data:
+        batch["mask"] = jax.ShapeDtypeStruct((tcfg.batch_size, seq_len), jnp.float32, sharding=rows)
+    return batch
+
+
 @dataclasses.dataclass
 class Progress:
     """What the run has to report: the final record, and the validation loss of each evaluated step."""
@@ -237,8 +247,25 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) ->
     """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s)."""
     say = echo if jax.process_index() == 0 else (lambda *_: None)
     mcfg, seq_len, attn = model_config(tcfg, mcfg)
+    say(f"memory estimate: {preflight(tcfg, mcfg, seq_len)}")  # before anything is built or written
     with run_directory(run_dir, say):
         return _train(tcfg, mcfg, seq_len, attn, run_dir, say)
+
+
+LOWER_TRAIN_MEMORY = "lower batch_size= or raise grad_accum=, set remat_policy=full, or spread the model over more devices (mesh=, strategy=)"
+
+
+def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Estimate:
+    """The memory a step needs per device, from the shapes alone; refused when it cannot fit."""
+    data, fsdp, tensor = sharding.resolve_mesh_shape(tcfg.mesh, jax.device_count())
+    shards = {"dp": 1, "fsdp": fsdp, "fsdp_tp": fsdp * tensor}[tcfg.strategy]
+    micro = tcfg.batch_size // tcfg.grad_accum
+    estimate = memory.train_estimate(
+        mcfg, rows_per_device=max(1, micro // (data * fsdp)), seq_len=seq_len, param_shards=shards,
+        tensor=tensor if tcfg.strategy == "fsdp_tp" else 1, grad_accum=tcfg.grad_accum,
+    )
+    memory.check(estimate, f"training {tcfg.size} with micro-batches of {micro} x {seq_len} tokens", LOWER_TRAIN_MEMORY)
+    return estimate
 
 
 def _train(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int, attn, run_dir: Path, say) -> dict[str, Any]:
@@ -258,6 +285,11 @@ def _train(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int, attn, run_dir: Pa
     abstract, shardings = step_lib.state_shardings(mcfg, tx, place.mesh, place.rules)
     if place.mesh.size > 1:
         sharding.check_params_sharded(shardings.params, tcfg.strategy, shapes=abstract.params)
+    # Compiled from the abstract state before anything is allocated, and its memory checked.
+    train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, place.mesh, place.rules, shardings).lower(
+        abstract, abstract_batch(tcfg, seq_len, place)).compile()
+    need = memory.check_compiled(train_step, f"training {tcfg.size}", LOWER_TRAIN_MEMORY)
+    say(f"memory of the compiled train step: {need / memory.GiB:.2f} GiB per device of {memory.device_memory()[0] / memory.GiB:.2f} GiB")
     ckpt = checkpoint.Checkpointer(run_dir, checkpoint.CheckpointOptions(tcfg.ckpt_every, tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async))
     # Restored straight onto the shardings, or created there: the state is never in memory twice,
     # and a resumed run does not read init_from='s weights.
@@ -265,7 +297,6 @@ def _train(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int, attn, run_dir: Pa
     if restored is None:
         init = weights.load(tcfg.init_from, mcfg, placement=place)[1] if tcfg.init_from else None
         state, _ = step_lib.init_train_state_sharded(mcfg, tx, tcfg.seed, place.mesh, place.rules, init)
-    train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, place.mesh, place.rules, shardings)
     start_step = int(jax.device_get(state.step))
     if main_process:
         changes = checkpoint.record_start(run_dir, run_config, start_step)
