@@ -114,15 +114,26 @@ def test_scanned_init_has_layer_axis_names():
 
 
 def test_init_statistics():
-    cfg = config.get_model_config("tiny", vocab_size=1000)
+    """OpenAI's released model.py: wte std 0.02, wpe 0.01, other weights 0.02, biases 0, LayerNorm
+    1/0; the paper: residual projections scaled by 1/sqrt(2 * n_layer). With 65,536+ draws per
+    tensor the sample std is within 1% of its target, so 0.01 and 0.02 cannot be confused."""
+    cfg = config.get_model_config("tiny", vocab_size=1000, n_layer=3)
     p = model.init_params(cfg, jax.random.key(0))
-    assert abs(float(jnp.std(p["wte"])) - 0.02) < 1e-3
-    # residual projections are scaled by 1/sqrt(2 * n_layer)
+    std = lambda a: float(jnp.std(a))
+    assert abs(std(p["wte"]) - 0.02) < 2e-4 and abs(float(jnp.mean(p["wte"]))) < 2e-4
+    assert abs(std(p["wpe"]) - 0.01) < 1e-4 and abs(float(jnp.mean(p["wpe"]))) < 1e-4
     expect = 0.02 / np.sqrt(2 * cfg.n_layer)
-    assert abs(float(jnp.std(p["h_0"]["mlp"]["c_proj"]["kernel"])) - expect) < 1e-3
-    assert abs(float(jnp.std(p["h_0"]["attn"]["c_proj"]["kernel"])) - expect) < 1e-3
-    assert float(jnp.abs(p["h_0"]["attn"]["c_attn"]["bias"]).max()) == 0.0
-    assert float(p["ln_f"]["scale"].min()) == 1.0
+    for i in range(cfg.n_layer):
+        h = p[f"h_{i}"]
+        assert abs(std(h["attn"]["c_attn"]["kernel"]) - 0.02) < 2e-4
+        assert abs(std(h["mlp"]["c_fc"]["kernel"]) - 0.02) < 2e-4
+        assert abs(std(h["mlp"]["c_proj"]["kernel"]) - expect) < expect / 100
+        assert abs(std(h["attn"]["c_proj"]["kernel"]) - expect) < expect / 100
+        for a, b in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+            assert float(jnp.abs(h[a][b]["bias"]).max()) == 0.0
+        for ln in ("ln_1", "ln_2"):
+            assert np.all(np.asarray(h[ln]["scale"]) == 1.0) and np.all(np.asarray(h[ln]["bias"]) == 0.0)
+    assert np.all(np.asarray(p["ln_f"]["scale"]) == 1.0) and np.all(np.asarray(p["ln_f"]["bias"]) == 0.0)
 
 
 def test_input_mask_ignores_padding():

@@ -238,8 +238,11 @@ class GPT2(nn.Module):
             "wte", _param(nn.initializers.normal(cfg.initializer_range), (VOCAB, EMBED)),
             (cfg.padded_vocab_size, cfg.n_embd), pdtype,
         )
+        # OpenAI's released model.py draws wte with std 0.02 and wpe with 0.01 (the paper gives
+        # neither); Hugging Face's GPT2Model uses initializer_range for both.
         wpe_PD = self.param(
-            "wpe", _param(nn.initializers.normal(cfg.initializer_range), (POS, EMBED)), (cfg.n_ctx, cfg.n_embd), pdtype
+            "wpe", _param(nn.initializers.normal(cfg.initializer_range / 2), (POS, EMBED)), (cfg.n_ctx, cfg.n_embd),
+            pdtype,
         )
         if positions_BT is None:
             cache = self.variables.get("cache", {}) if decode else {}
