@@ -374,10 +374,27 @@ def test_jsonl_line_without_text(hf_dir, tmp_path, capsys):
     assert rc == 1 and err.count("\n") == 1 and 'webtext.test.jsonl:2: line has no "text" string' in err
 
 
-def test_lm1b_without_tensorflow(hf_dir, tmp_path, capsys):
-    rc, err = _run_main(["--model", str(hf_dir), "--task", "lm1b", "--data-dir", str(tmp_path)], capsys)
-    assert rc == 1 and err.count("\n") == 1 and "pip install 'gpt2_jax[tf]'" in err
-    assert "news.en.heldout-00000-of-00050" in err
+def test_lm1b_without_the_test_shard_is_refused(hf_dir, tmp_path, capsys):
+    """The TFDS catalog's lm1b test split merges all 50 held-out shards: never used in its place."""
+    rc, err = _run_main(["--model", str(hf_dir), "--task", "lm1b", "--data-dir", str(tmp_path),
+                         "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert err.startswith("error: lm1b: the test set is news.en.heldout-00000-of-00050 alone")
+    assert "extract heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050 and put it at " \
+           f"{tmp_path}/lm1b/news.en.heldout-00000-of-00050" in err
+
+
+def test_lm1b_reads_only_the_test_shard_of_a_tfds_download(scorer, tmp_path):
+    """A TFDS catalog build of lm1b leaves its archive extracted in the cache: the test shard is read
+    from there, and the other 49 held-out shards beside it are not."""
+    heldout = (tmp_path / "cache" / "tfds_catalog" / "downloads" / "extracted" / "TAR_GZ.statmt.lm1b"
+               / "1-billion-word-language-modeling-benchmark-r13output" / "heldout-monolingual.tokenized.shuffled")
+    heldout.mkdir(parents=True)
+    (heldout / "news.en.heldout-00000-of-00050").write_text("The deal closed .\nShares rose 2 % .\n")
+    (heldout / "news.en.heldout-00001-of-00050").write_text("Not the test set .\n" * 5)
+    res = tasks.TASKS["lm1b"].run(scorer, Options(tmp_path / "data", cache_dir=tmp_path / "cache"))
+    assert res["data"]["file"] == str(heldout / "news.en.heldout-00000-of-00050")
+    assert res["counts"]["sentences"] == 2 and res["counts"]["words"] == 4 + 5 + 2
 
 
 def test_cli_subprocess_one_line_error(tmp_path):

@@ -7,10 +7,10 @@
 """
 
 from gpt2_jax.data.loader import TrainLoader, eval_batches, eval_windows
-from gpt2_jax.data.sources import CACHE_DIR_ENV, DATA_DIR_ENV, DataError, catalog_texts, decode_text, resolve_dirs
+from gpt2_jax.data.sources import CACHE_DIR_ENV, DATA_DIR_ENV, DataError, catalog_download, decode_text, resolve_dirs
 from gpt2_jax.data.store import SplitTokens, load_manifest, prepare, report
 
 __all__ = [
-    "CACHE_DIR_ENV", "DATA_DIR_ENV", "DataError", "SplitTokens", "catalog_texts", "TrainLoader", "decode_text", "eval_batches",
+    "CACHE_DIR_ENV", "DATA_DIR_ENV", "DataError", "SplitTokens", "catalog_download", "TrainLoader", "decode_text", "eval_batches",
     "eval_windows", "load_manifest", "prepare", "report", "resolve_dirs",
 ]

@@ -409,21 +409,14 @@ def resolve_dirs(cache_dir=None, manual_dir=None) -> tuple[Path, Path | None]:
     return Path(cache).expanduser().absolute(), (Path(manual).expanduser().absolute() if manual else None)
 
 
-def catalog_texts(name: str, split: str, *, feature: str = "text", limit: int | None = None, cache_dir=None) -> list[str]:
-    """The first `limit` `feature` strings of split `split` of the TFDS catalog data set `name`,
-    built under the cache directory (`resolve_dirs`). Catalog builders need TensorFlow: without it,
-    a DataError that says how to install it."""
-    try:
-        import tensorflow  # noqa: F401  (TFDS builds and reads catalog data sets with it)
-    except ImportError:
-        raise DataError(f"tfds:{name}: TFDS catalog data sets need TensorFlow: pip install 'gpt2_jax[tf]'") from None
+def catalog_download(relpath: str, *, cache_dir=None) -> Path | None:
+    """The file `relpath` inside an archive that a TFDS catalog build (`tfds:NAME`) downloaded and
+    extracted under the cache directory (`resolve_dirs`), or None where there is none. Reads the
+    file system only: no TFDS data set is built and TensorFlow is not needed."""
     cache, _ = resolve_dirs(cache_dir)
-    texts = []
-    for ex in tfds.as_numpy(tfds.load(name, split=split, data_dir=str(cache / "tfds_catalog"))):
-        if limit is not None and len(texts) >= limit:
-            break
-        texts.append(ex[feature].decode("utf-8"))
-    return texts
+    extracted = cache / "tfds_catalog" / "downloads" / "extracted"
+    found = sorted(p for p in extracted.glob(f"*/{relpath}") if p.is_file()) if extracted.is_dir() else []
+    return found[0] if found else None
 
 
 def _first_line(e: BaseException) -> str:

@@ -56,7 +56,7 @@ def _data_layout() -> str:
         f = task.data.for_split("test")
         lines.append(f"  {task.name:<12} {f.relpath:<36} from {f.url}")
     lines.append("  (valid split: the same names with valid / valid_2000ex; enwik8/text8 split one file 90/5/5;")
-    lines.append("   lm1b: without that file, the TFDS catalog's lm1b, which needs TensorFlow: pip install 'gpt2_jax[tf]')")
+    lines.append("   lm1b: without that file, the copy in the archive a TFDS catalog build of lm1b downloaded, if any)")
     return "\n".join(lines)
 
 

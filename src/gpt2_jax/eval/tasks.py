@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import jsonl
-from gpt2_jax.data import DATA_DIR_ENV, DataError, catalog_texts, eval_batches, prepare
+from gpt2_jax.data import DATA_DIR_ENV, DataError, catalog_download, eval_batches, prepare
 from gpt2_jax.eval.detokenize import count_words, moses_detokenize, ptb_detokenize, wikitext_detokenize
 from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
@@ -445,11 +445,12 @@ def _eval_bytes(task: EvalTask, scorer: Scorer, opts: Options, *, as_characters:
 
 # ---------------------------------------------------------------------------------------------
 LM1B_PROTOCOL = (
-    'One Billion Word (lm1b). Protocol: the benchmark\'s test set, the held-out shard '
-    'news.en.heldout-00000-of-00050 read from the data directory in its original format (one '
-    'tokenized sentence per line), else the test split of the TFDS catalog; its sentences are '
-    'shuffled, so each is an independent document: <|endoftext|> + detokenized sentence + "\\n", the'
-    ' newline standing for the </S> word. Per-word perplexity divides the total NLL by the '
+    "One Billion Word (lm1b). Protocol: the benchmark's test set, the held-out shard "
+    "news.en.heldout-00000-of-00050 alone, in its original format (one tokenized sentence per line),"
+    " read from the data directory, else from the archive a TFDS catalog build of lm1b downloaded "
+    "(the catalog's own test split merges all 50 held-out shards and is not used). Its sentences are"
+    ' shuffled, so each is an independent document: <|endoftext|> + detokenized sentence + "\\n", the'
+    " newline standing for the </S> word. Per-word perplexity divides the total NLL by the "
     "sentence's words plus one </S> each."
 )
 
@@ -465,33 +466,32 @@ def score_sentences(scorer: Scorer, sentences: Iterable[str], *, stride: int, de
         "metrics": {"ppl_word": _ppl(nll, n_words), "ppl_token": _ppl(nll, n_tokens)},
         "counts": {"sentences": len(sentences), "words": n_words, "tokens": n_tokens},
         "nll": nll,
+        "stride": stride,
     }
 
 
 _LM1B = "https://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-benchmark-r13output.tar.gz"
 _LM1B_TEST = "news.en.heldout-00000-of-00050"  # the benchmark's test set (Chelba et al. 2013)
+_LM1B_DIR = "1-billion-word-language-modeling-benchmark-r13output"  # the archive's top folder
+_LM1B_HELDOUT = "heldout-monolingual.tokenized.shuffled"
 
 
 def _eval_lm1b(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
     local = opts.data_dir / task.data.relpath  # the test set whatever the split
     if local.is_file():
         path = task.resolve(opts)
-        sentences = [s for s in _read_text(path, "lm1b").split("\n") if s.strip()][: opts.limit]
-        if not sentences:
-            raise EvalError(f"lm1b: {path} holds no sentences")
-        out = score_sentences(scorer, sentences, stride=opts.stride_for(scorer), desc="lm1b")
-        out["data"] = {"file": str(path)}
-        return out
-    split = "test"  # lm1b has no validation split; the paper reports test perplexity
-    try:
-        sentences = catalog_texts("lm1b", split, limit=opts.limit, cache_dir=opts.cache_dir)
-    except DataError as e:
+    else:  # a TFDS catalog build of lm1b keeps the archive it downloaded, extracted
+        path = catalog_download(f"{_LM1B_DIR}/{_LM1B_HELDOUT}/{_LM1B_TEST}", cache_dir=opts.cache_dir)
+    if path is None:
         raise EvalError(
-            f"lm1b: put {_LM1B_TEST} (from {_LM1B}, heldout-monolingual.tokenized.shuffled/) at {local}, "
-            f"or read it through the TFDS catalog ({e})"
-        ) from e
+            f"lm1b: the test set is {_LM1B_TEST} alone (the TFDS catalog's lm1b test split merges all 50 "
+            f"held-out shards); fetch {_LM1B}, extract {_LM1B_HELDOUT}/{_LM1B_TEST} and put it at {local}"
+        )
+    sentences = [s for s in _read_text(path, "lm1b").split("\n") if s.strip()][: opts.limit]
+    if not sentences:
+        raise EvalError(f"lm1b: {path} holds no sentences")
     out = score_sentences(scorer, sentences, stride=opts.stride_for(scorer), desc="lm1b")
-    out["data"] = {"tfds": f"lm1b:{split}"}
+    out["data"] = {"file": str(path)}
     return out
 
 
@@ -574,7 +574,7 @@ TASKS: dict[str, EvalTask] = {task.name: task for task in (
     ),
     EvalTask(
         "lm1b",
-        DataFile(f"lm1b/{_LM1B_TEST}", _LM1B, f"extract heldout-monolingual.tokenized.shuffled/{_LM1B_TEST}"),
+        DataFile(f"lm1b/{_LM1B_TEST}", _LM1B, f"extract {_LM1B_HELDOUT}/{_LM1B_TEST}"),
         _eval_lm1b, LM1B_PROTOCOL, paper={"ppl_word": _table3(75.20, 55.72, 44.575, 42.16)},
     ),
 )}
