@@ -19,9 +19,9 @@ from gpt2_jax.eval import (
     Options, Scorer, count_words, moses_detokenize, ptb_detokenize, sliding_windows, wikitext_detokenize,
 )
 from gpt2_jax.eval import cli, tasks
-from gpt2_jax.eval.report import paper_size, params_sha256, render_table
+from gpt2_jax.eval.report import _fmt, paper_size, params_sha256, render_table
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
-from helpers import random_hf_gpt2
+from helpers import hf_logits, random_hf_gpt2
 
 N_CTX = 128
 
@@ -200,8 +200,8 @@ def test_lambada_first_200_matches_hf(hf_dir, shared_data, tmp_path):
         hf_last.append(int(logits[-1].argmax()) == target[-1])
     assert min(margins) > 1e-3  # target vs best other token never near a tie: the comparison is exact, not luck
     assert 0 < sum(hf_correct) < len(texts)
-    assert ours["correct"] == hf_correct
-    assert ours["metrics"]["acc"] == 100.0 * sum(hf_correct) / len(texts)
+    assert ours["correct"]["whole_word"] == hf_correct and ours["correct"]["last_token"] == hf_last
+    assert ours["metrics"]["acc_whole_word"] == 100.0 * sum(hf_correct) / len(texts)
     assert ours["metrics"]["acc_last_token"] == 100.0 * sum(hf_last) / len(texts)
 
 
@@ -210,7 +210,103 @@ def test_lambada_accuracy_needs_every_token_of_the_word(scorer):
     res = tasks.score_lambada(scorer, [text])
     _, word = tasks.lambada_split(text)
     assert res["counts"]["target_tokens"] == len(get_tokenizer().encode_ordinary(word)) > 1
-    assert res["metrics"]["acc"] <= res["metrics"]["acc_last_token"] or res["metrics"]["acc"] == 0.0
+    assert res["metrics"]["acc_whole_word"] <= res["metrics"]["acc_last_token"]
+
+
+class _BigramScorer:
+    """A stand-in for `Scorer` whose greedy choice after a token is the first of `ranked[token]` not
+    excluded (EOT after any other token); a hit has probability 1/2, a miss 1/100."""
+
+    n_ctx = 64
+
+    def __init__(self, ranked: dict[str, list[str]]):
+        enc = get_tokenizer()
+        one = lambda w: enc.encode_ordinary(w)[0]
+        self.ranked = {one(k): [one(v) for v in vs] for k, vs in ranked.items()}
+        self.excludes = []
+
+    def score_sequences(self, seqs, first_targets, *, stride, desc="", exclude=frozenset()):
+        self.excludes.append(exclude)
+        out = []
+        for seq, first in zip(seqs, first_targets):
+            pred = [next((t for t in self.ranked.get(int(prev), [EOT_ID]) if t not in exclude), EOT_ID)
+                    for prev in seq[first - 1 : -1]]
+            hit = np.array(pred) == seq[first:]
+            out.append((np.where(hit, math.log(0.5), math.log(0.01)), hit))
+        return out
+
+
+def test_lambada_variants_disagree_on_hand_made_passages():
+    enc = get_tokenizer()
+    assert enc.encode_ordinary(" Thornbury") == [enc.encode_ordinary(" Thorn")[0], enc.encode_ordinary("bury")[0]]
+    ranked = {" to": [" Tom"], " of": [" Thorn"], " Thorn": ["bury"], " kissed": [" the", " Tom"], " at": [" it"],
+              " waved": [" Anna", " Tom"]}
+    passages = [
+        "They drove down to Thornbury",  # the last token right after a wrong first token: last_token only
+        "He was the mayor of Thornbury",  # every token right: all three
+        "Then she kissed Tom",  # a stop word beat the word: right only with the filter
+        "She looked at it",  # the word is a stop word: never right with the filter
+        "Then she waved Tom",  # another content word beat it: wrong in all three
+    ]
+    assert {"the", "it"} <= tasks.LAMBADA_STOP_WORDS and "Tom" not in tasks.LAMBADA_STOP_WORDS
+    res = tasks.score_lambada(_BigramScorer(ranked), passages)
+    assert res["correct"] == {
+        "last_token": [True, True, False, True, False],
+        "whole_word": [False, True, False, True, False],
+        "whole_word_stopword_filter": [False, True, True, False, False],
+    }
+    m = res["metrics"]
+    assert (m["acc_last_token"], m["acc_whole_word"], m["acc_whole_word_stopword_filter"]) == (60.0, 40.0, 40.0)
+    # Perplexities: the last token's NLL, and the whole word's (two tokens for Thornbury).
+    np.testing.assert_allclose(m["ppl_last_token"], math.exp(-(3 * math.log(0.5) + 2 * math.log(0.01)) / 5))
+    word_nll = -(math.log(0.01) + math.log(0.5)) - 2 * math.log(0.5) - math.log(0.01) - math.log(0.5) - math.log(0.01)
+    np.testing.assert_allclose(m["ppl_whole_word"], math.exp(word_nll / 5))
+    # A second look with the stop words excluded only where the first token was missed and the
+    # rest hit: "to Thornbury", "kissed Tom", "waved Tom".
+    assert res["counts"]["rescored_with_filter"] == 3
+    assert res["counts"]["stop_word_tokens"] == len(tasks.lambada_stop_ids()) > 150
+
+
+def test_stop_word_ids_are_space_prefixed_single_tokens():
+    enc = get_tokenizer()
+    ids = tasks.lambada_stop_ids()
+    for word in (" the", " The", " it", " It", " and", " of", " I"):
+        (t,) = enc.encode_ordinary(word)
+        assert t in ids, word
+    for word in (" Tom", " door", "the", " Thorn", " house"):
+        assert enc.encode_ordinary(word)[0] not in ids, word
+
+
+def test_excluded_tokens_leave_the_argmax_to_the_rest(hf_dir, scorer):
+    """Hits with `exclude`: the target is the argmax of HF's logits once the excluded ids are set
+    to -inf; log-probabilities stay those of the whole vocabulary."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 50257, size=n).astype(np.int32) for n in (20, 33, 9)]
+    # Exclude each row's top choice at every other position, and make the target there the
+    # runner-up (chosen left to right: a target is the next position's input): hits there only if
+    # the exclusion works.
+    exclude = set()
+    for r in rows:
+        for t in range(0, len(r) - 1, 2):
+            top2 = np.argsort(hf_logits(hf, r[None, : t + 1])[0, t])[::-1][:2]
+            exclude.add(int(top2[0]))
+            r[t + 1] = top2[1]
+    logits = [hf_logits(hf, r[None, :-1])[0] for r in rows]
+    plain = scorer.score(rows)
+    masked = scorer.score(rows, exclude=frozenset(exclude))
+    for r, lg, (lp0, hit0), (lp1, hit1) in zip(rows, logits, plain, masked):
+        np.testing.assert_array_equal(lp0, lp1)
+        np.testing.assert_array_equal(hit0, lg.argmax(-1) == r[1:])
+        lg = lg.copy()
+        lg[:, sorted(exclude)] = -np.inf
+        np.testing.assert_array_equal(hit1, lg.argmax(-1) == r[1:])
+    assert not any(hit[::2].any() for _, hit in plain)
+    # Every runner-up that is not excluded itself (as another position's top) becomes a hit.
+    kept = sum(int(t) not in exclude for r in rows for t in r[1::2])
+    assert sum(int(hit[::2].sum()) for _, hit in masked) == kept > 0
 
 
 def test_sharded_scoring_equals_one_device(hf_dir):
@@ -289,7 +385,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     assert report["model"]["params_sha256"] == params_sha256(convert.load_hf(hf_dir)[1])
     t = report["tasks"]
     expected = {"webtext": "ppl_byte", "wikitext2": "ppl_word", "wikitext103": "ppl_word", "ptb": "ppl_word",
-                "lambada": "acc", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char",
+                "lambada": "acc_last_token", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char",
                 "lm1b": "ppl_word"}
     for task, metric in expected.items():
         assert math.isfinite(t[task]["metrics"][metric]), task
@@ -308,7 +404,15 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     # Word counts used for normalization are those of the original (limited) split.
     ptb12 = "".join((data_dir / "ptb" / "ptb.valid.txt").read_text().splitlines(True)[:12])
     assert t["ptb"]["counts"]["words"] == len(ptb12.split()) + 12
-    assert report["protocol"]["stride"] == N_CTX // 2
+    assert report["protocol"]["stride"] == N_CTX // 2 and report["protocol"]["windows"] == "overlapping"
+    # Every perplexity (and bits) row shows the stride it was scored with, as does the JSON.
+    for task, result in t.items():
+        want = {"lambada": N_CTX, "cbt-cn": None, "cbt-ne": None}.get(task, N_CTX // 2)
+        assert result.get("stride") == want, task
+        for metric in result["metrics"]:
+            shown = str(want) if metric.startswith(("ppl", "bits")) else "-"
+            assert f"| {task} | {metric} | {_fmt(result['metrics'][metric])} | {shown} |" in printed, (task, metric)
+    assert "| lambada | acc_last_token |" in printed and t["lambada"]["footnote"] in printed
     assert len(report["protocol"]["devices"]) == len(jax.local_devices()) == 8  # batch sharded over all
     assert "paper (no matching size)" in printed
 

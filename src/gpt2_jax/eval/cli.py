@@ -50,6 +50,15 @@ def preflight(path: str | os.PathLike, batch_size: int) -> None:
         raise EvalError(str(e)) from None
 
 
+def parse_stride(text: str | None) -> int | str | None:
+    """--stride: a positive number of tokens, 'half' or 'n_ctx' (None: not given)."""
+    if text is None or text in ("half", "n_ctx"):
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise EvalError(f"--stride must be a positive number of tokens, 'half' or 'n_ctx', got {text!r}")
+    return int(text)
+
+
 def _data_layout() -> str:
     lines = ["data files under --data-dir (test split shown):"]
     for task in TASKS.values():
@@ -76,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"directory with one folder per data set (default ${DATA_DIR_ENV})")
     parser.add_argument("--split", default="test", choices=SPLITS,
                         help="data split (default test, as in the paper; LAMBADA and lm1b always use test)")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="sliding-window stride in tokens for long texts (default half the context)")
+    parser.add_argument("--stride", default=None,
+                        help="sliding-window stride for long texts: tokens, 'half' (the default: each window "
+                             "after the first re-reads half the context) or 'n_ctx' (non-overlapping windows)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="rows per batch over all devices (rounded up to a multiple of the device count)")
     parser.add_argument("--limit", type=int, default=None,
@@ -97,17 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         tasks = parse_tasks(args.task)
+        stride = parse_stride(args.stride)
         if args.data_dir is None:
             raise EvalError(f"no data directory: pass --data-dir or set ${DATA_DIR_ENV}")
-        if args.stride is not None and args.stride < 1:
-            raise EvalError(f"--stride must be positive, got {args.stride}")
         if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
             raise EvalError("--batch-size and --limit must be positive")
         preflight(args.model, args.batch_size)
         config, params, kind = load_model(args.model, allow_nonfinite=args.allow_nonfinite)
-        if args.stride is not None and args.stride > config.n_ctx:
-            raise EvalError(f"--stride {args.stride} exceeds the model's context n_ctx={config.n_ctx}")
-        opts = Options(Path(args.data_dir), split=args.split, stride=args.stride, limit=args.limit,
+        if isinstance(stride, int) and stride > config.n_ctx:
+            raise EvalError(f"--stride {stride} exceeds the model's context n_ctx={config.n_ctx}")
+        opts = Options(Path(args.data_dir), split=args.split, stride=stride, limit=args.limit,
                        dataset=args.dataset, cache_dir=args.cache_dir)
         info = {"path": str(Path(args.model).absolute()), "kind": kind}
         report = evaluate(config, params, tasks, opts, batch_size=args.batch_size, model_info=info)

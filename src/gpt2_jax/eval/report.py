@@ -75,6 +75,7 @@ def evaluate(
             "split": opts.split,
             "n_ctx": config.n_ctx,
             "stride": opts.stride_for(scorer),
+            "windows": "non-overlapping" if opts.stride_for(scorer) == config.n_ctx else "overlapping",
             "limit": opts.limit,
             "document_prefix": "<|endoftext|>",
             "data_dir": str(opts.data_dir),
@@ -98,6 +99,8 @@ def evaluate(
             known = task.released_sha256.get(f"{path.parent.name}/{path.name}")
             result["data"]["matches_release"] = None if known is None else digest == known
         result["protocol"] = task.protocol
+        if task.footnote:
+            result["footnote"] = task.footnote
         result["paper"] = {metric: figures[size] for metric, figures in task.paper.items()} if size else {}
         result["seconds"] = seconds
         result["tokens_per_second"] = (scorer.tokens_scored - before) / seconds if seconds else None
@@ -111,14 +114,20 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if abs(x) >= 10 else f"{x:.4f}"
 
 
+# Metrics computed from sliding-window log-likelihoods: their table rows show the stride.
+_WINDOWED = ("ppl", "bits")
+
+
 def render_table(report: dict[str, Any], *, compare_paper: bool = False, markdown: bool = False) -> str:
-    """The report's figures as a table: plain aligned columns, or Markdown."""
+    """The report's figures as a table: plain aligned columns, or Markdown. Perplexity and
+    bits rows show the window stride they were scored with."""
     paper_col = f"paper ({report['model'].get('paper_size') or 'no matching size'})"
-    header = ["task", "metric", "value"] + ([paper_col] if compare_paper else [])
+    header = ["task", "metric", "value", "stride"] + ([paper_col] if compare_paper else [])
     rows = []
     for task, result in report["tasks"].items():
         for metric, value in result["metrics"].items():
-            row = [task, metric, _fmt(value)]
+            stride = result.get("stride") if metric.startswith(_WINDOWED) else None
+            row = [task, metric, _fmt(value), "-" if stride is None else str(stride)]
             if compare_paper:
                 row.append(_fmt(result["paper"].get(metric)))
             rows.append(row)
@@ -137,7 +146,11 @@ def render_table(report: dict[str, Any], *, compare_paper: bool = False, markdow
         notes.append(f"data files that differ from the released ones: {', '.join(altered)}")
     if compare_paper:
         notes.append(f"paper: {PAPER_SOURCE}; acc in %")
-    return "\n".join(lines + [f"({n})" for n in notes])
+        notes += [r["footnote"] for r in report["tasks"].values() if r.get("footnote")]
+    notes = [f"({n})" for n in notes]
+    if markdown and notes:  # a Markdown table ends at a blank line; each note is a paragraph after it
+        return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
+    return "\n".join(lines + notes)
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

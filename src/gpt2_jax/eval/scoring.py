@@ -57,9 +57,12 @@ def sliding_windows(n_tokens: int, n_ctx: int, stride: int, first_target: int = 
     return out
 
 
-def _score_batch(model: GPT2, K: int, params: Any, tokens_BL: jax.Array, n_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _score_batch(
+    model: GPT2, K: int, excluded_V: np.ndarray | None, params: Any, tokens_BL: jax.Array, n_B: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Log-probs [B, K] of the last K targets of each row (row b has n_B[b] targets; entries before
-    its first target are junk) and whether each is the model's argmax [B, K].
+    its first target are junk) and whether each is the model's argmax [B, K] (the argmax over the
+    tokens not marked in `excluded_V` when it is given).
 
     The vocabulary projection dominates small models, so it is applied only at the K scored
     positions: the final hidden states are gathered first, then the tied LM head (`model.lm_head`).
@@ -74,6 +77,8 @@ def _score_batch(model: GPT2, K: int, params: Any, tokens_BL: jax.Array, n_B: ja
     targets_BK = jnp.take_along_axis(targets_BT, idx_BK, axis=1)
     lse_BK = jax.nn.logsumexp(logits_BKV, axis=-1)
     target_logit_BK = jnp.take_along_axis(logits_BKV, targets_BK[..., None], axis=-1)[..., 0]
+    if excluded_V is not None:
+        logits_BKV = jnp.where(jnp.asarray(excluded_V)[None, None, :], -jnp.inf, logits_BKV)
     return target_logit_BK - lse_BK, jnp.argmax(logits_BKV, axis=-1) == targets_BK
 
 
@@ -107,15 +112,21 @@ class Scorer:
     def n_ctx(self) -> int:
         return self.config.n_ctx
 
-    def _dispatch(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[jax.Array, jax.Array]:
-        if K not in self._fns:  # one jitted function per K; each compiles once per row length
-            self._fns[K] = self.placement.jit(
-                functools.partial(_score_batch, GPT2(self.config), K),
+    def _dispatch(
+        self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int, exclude: frozenset[int] = frozenset()
+    ) -> tuple[jax.Array, jax.Array]:
+        if (K, exclude) not in self._fns:  # one jitted function per K; each compiles once per row length
+            excluded_V = None
+            if exclude:
+                excluded_V = np.zeros(self.config.vocab_size, bool)
+                excluded_V[sorted(exclude)] = True
+            self._fns[K, exclude] = self.placement.jit(
+                functools.partial(_score_batch, GPT2(self.config), K, excluded_V),
                 in_shardings=(self.placement.param_shardings(abstract_params(self.config)), self._rows, self._rows),
                 out_shardings=(self._rows, self._rows),
             )
         put = lambda a: jax.device_put(np.asarray(a, np.int32), self._rows)
-        return self._fns[K](self.params, put(tokens_BL), put(n_B))
+        return self._fns[K, exclude](self.params, put(tokens_BL), put(n_B))
 
     def _run(self, tokens_BL: np.ndarray, n_B: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
         logp, hit = jax.device_get(self._dispatch(tokens_BL, n_B, K))
@@ -128,10 +139,12 @@ class Scorer:
         return self._run(tokens_BL, np.full(B, L - 1), L - 1)
 
     def score(
-        self, rows: Sequence[np.ndarray], n_scored: Sequence[int] | None = None, desc: str = "scoring"
+        self, rows: Sequence[np.ndarray], n_scored: Sequence[int] | None = None, desc: str = "scoring",
+        *, exclude: frozenset[int] = frozenset(),
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """For each row of 2..n_ctx+1 tokens, (log-probs float64, argmax hits) of its last
-        `n_scored[i]` targets (default all len-1 of them)."""
+        `n_scored[i]` targets (default all len-1 of them). A hit is a target that is the argmax
+        over the vocabulary less the token ids in `exclude` (log-probs are over all of it)."""
         n_scored = [len(r) - 1 for r in rows] if n_scored is None else list(n_scored)
         for r, k in zip(rows, n_scored):
             if not 2 <= len(r) <= self.n_ctx + 1 or not 1 <= k <= len(r) - 1:
@@ -149,7 +162,7 @@ class Scorer:
             for j, i in enumerate(idx):
                 batch[j, : len(rows[i])] = rows[i]
                 n_B[j] = len(rows[i]) - 1
-            return self._dispatch(batch, n_B, K)
+            return self._dispatch(batch, n_B, K, frozenset(exclude))
 
         # The next batch runs while this one is read back; never more than two in flight.
         results = bounded(dispatch, groups)
@@ -162,9 +175,11 @@ class Scorer:
         return out
 
     def score_sequences(
-        self, seqs: Sequence[np.ndarray], first_targets: Sequence[int] | None = None, *, stride: int, desc: str = "scoring"
+        self, seqs: Sequence[np.ndarray], first_targets: Sequence[int] | None = None, *, stride: int,
+        desc: str = "scoring", exclude: frozenset[int] = frozenset(),
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per sequence, log-probs and hits of targets [first_target, len) (default 1), windowed.
+        """Per sequence, log-probs and hits of targets [first_target, len) (default 1), windowed
+        (hits as `score`'s, with `exclude`).
 
         Sequences longer than n_ctx + 1 are split by `sliding_windows`; all windows of all
         sequences are batched together.
@@ -175,7 +190,7 @@ class Scorer:
             for w in sliding_windows(len(seq), self.n_ctx, stride, first):
                 rows.append(np.asarray(seq[w.start : w.end + 1], np.int32))
                 owners.append((s, w.skip))
-        scored = self.score(rows, [len(r) - 1 - skip for r, (_, skip) in zip(rows, owners)], desc)
+        scored = self.score(rows, [len(r) - 1 - skip for r, (_, skip) in zip(rows, owners)], desc, exclude=exclude)
         parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in seqs]
         for (s, _), pair in zip(owners, scored):
             parts[s].append(pair)
