@@ -213,6 +213,23 @@ def test_rows_stop_at_eot_and_pad():
     np.testing.assert_array_equal(tokens[2], [7] * 10)
 
 
+def test_rows_stop_at_any_stop_id():
+    """stop_ids end a row like eot: greedy walks +1 per step; 4 and 9 stop rows, eot 7 too."""
+    base = jnp.full((V,), -5.0).at[1].set(0.0)
+
+    def step_fn(state, tok_B1, pos_B1):
+        return jax.vmap(lambda t: jnp.roll(base, t))(tok_B1[:, 0]), state
+
+    first = jax.vmap(lambda s: jnp.roll(base, s))(jnp.array([0, 4, 8, 12]))  # first tokens 1, 5, 9, 13
+    tokens, lengths = jax.jit(lambda k: generate.decode_loop(
+        step_fn, jnp.zeros(()), first, jnp.zeros((4,), jnp.int32), k, max_new_tokens=6, greedy=True, top_k=0,
+        use_top_p=False, temperature=1.0, top_p=1.0, eot_id=7, stop_ids=(4, 9)))(jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(lengths), [3, 2, 0, 6])
+    np.testing.assert_array_equal(np.asarray(tokens)[:3], [[1, 2, 3, 4, 7, 7], [5, 6, 7, 7, 7, 7], [9] + [7] * 5])
+    with pytest.raises(generate.GenerationError, match="stop_ids must be a tuple"):
+        SamplingConfig(stop_ids=[198])
+
+
 def test_one_compilation_per_generation_and_seeds(hf_pair, compiles):
     _, cfg, params, _ = hf_pair
     cfg = config.replace(cfg, layer_norm_epsilon=1.01e-5)  # a config no other test compiled

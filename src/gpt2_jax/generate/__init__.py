@@ -42,7 +42,8 @@ class SamplingConfig:
     greedy: argmax (ignores temperature, top_k, top_p). top_k: keep the k most likely tokens
     (0 = all; the paper's samples used 40). top_p: keep the smallest set of most likely tokens whose
     probability reaches p (nucleus sampling; 1.0 = all). eot_id: stop a row when it emits this token
-    (None: only `max_new_tokens` stops).
+    (None: only `max_new_tokens` stops). stop_ids: more tokens that stop a row (say, every token
+    holding a newline); like eot_id they are not part of the row.
     """
 
     max_new_tokens: int = 100
@@ -51,6 +52,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     eot_id: int | None = EOT_ID
+    stop_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -61,6 +63,8 @@ class SamplingConfig:
             raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.stop_ids, tuple) and all(isinstance(t, int) and t >= 0 for t in self.stop_ids)):
+            raise GenerationError(f"stop_ids must be a tuple of token ids, got {self.stop_ids!r}")
 
 
 @dataclasses.dataclass
@@ -177,16 +181,18 @@ def decode_loop(
     top_p: jax.Array | float,
     eot_id: int | None,
     stream: bool = False,
+    stop_ids: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """Sample up to `max_new_tokens` tokens per row with a `lax.while_loop` (call under jit).
 
     step_fn(state, tokens_B1, positions_B1) -> (next logits [B, V], state) is the model with its
     cache (or a fake in tests); `logits_BV` are the logits after the prompt; `positions_B` the
-    position of the first new token. A row that emits `eot_id` stops; its later slots hold eot_id.
-    Returns (tokens [B, max_new_tokens], lengths [B]).
+    position of the first new token. A row that emits `eot_id` (or one of `stop_ids`) stops; its
+    later slots hold eot_id. Returns (tokens [B, max_new_tokens], lengths [B]).
     """
     B = logits_BV.shape[0]
     pad = eot_id if eot_id is not None else 0
+    stops = tuple(stop_ids) + ((eot_id,) if eot_id is not None else ())
     sample = functools.partial(
         sample_logits, greedy=greedy, top_k=top_k, use_top_p=use_top_p, temperature=temperature, top_p=top_p
     )
@@ -194,7 +200,7 @@ def decode_loop(
     def emit(t, tok_B, done_B, out_BN, lengths_B):
         active_B = ~done_B
         out_BN = out_BN.at[:, t].set(jnp.where(active_B, tok_B, pad))
-        stop_B = active_B & (tok_B == eot_id) if eot_id is not None else jnp.zeros_like(done_B)
+        stop_B = active_B & jnp.isin(tok_B, jnp.array(stops, jnp.int32)) if stops else jnp.zeros_like(done_B)
         lengths_B = lengths_B + (active_B & ~stop_B).astype(jnp.int32)
         if stream:
             io_callback(_emit, None, t, tok_B, active_B & ~stop_B, ordered=True)
@@ -267,10 +273,10 @@ def decode_step(cfg: ModelConfig, params, cache, tokens_BT: jax.Array, positions
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "rules", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream"),
+    static_argnames=("cfg", "rules", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream", "stop_ids"),
 )
 def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, cfg, rules, max_new_tokens, greedy, top_k,
-                  use_top_p, eot_id, stream):
+                  use_top_p, eot_id, stream, stop_ids=()):
     # The logical rules are a static argument: they shape the traced program (Flax reads them from a
     # context variable that jit's cache would not see).
     with nn.logical_axis_rules(rules):
@@ -284,7 +290,7 @@ def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, cfg
         return decode_loop(
             step, cache, logits_BV, lengths_B, jax.random.key(seed),
             max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
-            temperature=temperature, top_p=top_p, eot_id=eot_id, stream=stream,
+            temperature=temperature, top_p=top_p, eot_id=eot_id, stream=stream, stop_ids=stop_ids,
         )
 
 
@@ -358,7 +364,8 @@ class Generator:
                 np.float32(sampling.temperature), np.float32(sampling.top_p))
         kw = dict(cfg=cfg, rules=self.placement.rules_for_rows(len(prompts)), max_new_tokens=n, greedy=sampling.greedy,
                   top_k=sampling.top_k if not sampling.greedy else 0,
-                  use_top_p=sampling.top_p < 1.0 and not sampling.greedy, eot_id=eot, stream=on_tokens is not None)
+                  use_top_p=sampling.top_p < 1.0 and not sampling.greedy, eot_id=eot, stream=on_tokens is not None,
+                  stop_ids=tuple(sorted({t for t in sampling.stop_ids if t < cfg.vocab_size})))
         if on_tokens is not None:
             _STREAM_SINK.append(on_tokens)
         try:
