@@ -370,6 +370,26 @@ def test_task_cli_qa_writes_predictions(text_model, tmp_path, capsys):
     assert all("prediction" in p for p in preds)
 
 
+def test_task_cli_coqa_stops_at_the_end_of_the_line(text_model, tmp_path, capsys):
+    _, _, path = text_model
+    dialog = {"id": "d1", "story": "Tom has a dog.",
+              "questions": [{"input_text": "Who has a dog?", "turn_id": 1}, {"input_text": "What?", "turn_id": 2}],
+              "answers": [{"input_text": "Tom", "turn_id": 1}, {"input_text": "a dog", "turn_id": 2}]}
+    src = tmp_path / "coqa.json"
+    src.write_text(json.dumps({"data": [dialog]}))
+    out = tmp_path / "pred.jsonl"
+    rc = generate_cli.main(["--model", str(path), "--task", "coqa", "--input", str(src), "--output", str(out),
+                            "--max-new-tokens", "6", "--batch-size", "2"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["records"] == 2 and set(report["metrics"]) == {"f1", "exact_match"}
+    assert report["sampling"]["greedy"] is True and report["sampling"]["stop"] == "end of line"
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["id"], p["turn_id"]) for p in preds] == [("d1", 1), ("d1", 2)]
+    # A row stops at its first newline token: nothing after it is generated.
+    assert all("\n" not in p["generation"] and p["prediction"] == p["generation"].strip() for p in preds)
+
+
 @pytest.mark.slow
 def test_run_task_summarize_and_translate_report_their_metrics(text_model, tmp_path):
     from gpt2_jax import prompts
@@ -380,7 +400,7 @@ def test_run_task_summarize_and_translate_report_their_metrics(text_model, tmp_p
     # greedy, 6 tokens, 2 rows: the program the qa CLI test compiled is reused
     greedy = SamplingConfig(max_new_tokens=6, greedy=True)
     report = prompts.run_task(gen, "summarize", summ, greedy, output=tmp_path / "s.jsonl")
-    assert set(report["metrics"]) == {"rouge1", "rouge2", "rougeL"} and report["records"] == 2
+    assert set(report["metrics"]) == {"rouge1", "rouge2", "rougeLsum", "r_avg"} and report["records"] == 2
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
     trans = [{"source": f"word {i}", "target": f"mot {i}"} for i in range(3)]
     report = prompts.run_task(gen, "translate", trans, greedy, shots=1)  # prompts stay in the 16 bucket

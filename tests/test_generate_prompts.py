@@ -1,19 +1,25 @@
 import json
+import types
 
 import pytest
 
 from gpt2_jax import prompts
 from gpt2_jax.prompts import TaskError
+from gpt2_jax.tokenizer import get_tokenizer
 
 
 def test_paper_decoding_settings():
     # section 3.6: "Top-k random sampling with k = 2", 100 tokens; 3.7/3.8: greedy decoding
     assert prompts.TASKS["summarize"].sampling == dict(max_new_tokens=100, top_k=2, greedy=False)
     assert prompts.TASKS["translate"].sampling["greedy"] and prompts.TASKS["qa"].sampling["greedy"]
+    # CoQA: greedy decoding, to the end of the line
+    assert prompts.TASKS["coqa"].sampling["greedy"] and prompts.TASKS["coqa"].stop_at_newline
 
 
 def test_summarize_format_and_first_three_sentences():
     assert prompts.summarize_prompt("  An article.\n") == "An article.\nTL;DR:"
+    enc = get_tokenizer()
+    assert prompts.summarize_tokens("  An article.\n", 100) == enc.encode_ordinary("An article.\nTL;DR:")
     gen = " The cat sat. It was happy!\nThen it left? Nobody knew. More text"
     assert prompts.summary_from_generation(gen) == "The cat sat. It was happy! Then it left?"
     assert prompts.summary_from_generation(" One.<|endoftext|>Two. Three.") == "One."
@@ -35,7 +41,12 @@ def test_qa_format_and_answer():
 
 def test_metrics():
     r = prompts.rouge(["the cat sat on the mat"], ["the cat sat on the mat"])
-    assert r == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
+    assert r == {"rouge1": 100.0, "rouge2": 100.0, "rougeLsum": 100.0, "r_avg": 100.0}
+    # ROUGE-Lsum matches sentence by sentence: the same two sentences in the other order keep every
+    # word of the longest common subsequences (plain ROUGE-L would give 50). ROUGE-2: 4 of 5 bigrams.
+    r = prompts.rouge(["The dog ran. The cat sat."], ["The cat sat. The dog ran."])
+    assert r["rouge1"] == 100.0 and r["rougeLsum"] == 100.0 and r["rouge2"] == pytest.approx(80.0)
+    assert r["r_avg"] == pytest.approx((100 + 80 + 100) / 3)
     r = prompts.rouge(["the cat"], ["a dog ran"])
     assert r["rouge1"] == 0.0
     # ROUGE-1 F1 of 2 shared unigrams out of 3 and 4: 2 * (2/3 * 2/4) / (2/3 + 2/4)
@@ -98,3 +109,142 @@ def test_task_prompts_drop_oldest_examples_to_fit():
     text = get_tokenizer().decode(tight)
     assert len(tight) < len(full) and "sentence number 0" not in text and text.endswith("last one. =")
     assert "sentence number 5 is here. = phrase 5." in text
+
+
+def test_summarize_keeps_the_start_of_an_over_long_article():
+    first = "The mayor of Thornbury opened the new bridge on Monday morning."
+    article = first + " " + " ".join(f"Paragraph {i} adds more detail about the bridge." for i in range(400))
+    enc = get_tokenizer()
+    room = 1024 - 100  # the paper's context minus the 100 new tokens
+    assert len(enc.encode_ordinary(article)) > 3 * room
+    (tokens,) = prompts.task_prompts("summarize", [{"article": article}], [], room)
+    text = enc.decode(tokens)
+    assert len(tokens) == room and text.startswith(first) and text.endswith("\nTL;DR:")
+    assert "Paragraph 399" not in text  # the tail is what goes
+    with pytest.raises(TaskError, match="no room for an article"):
+        prompts.summarize_tokens(article, 3)
+
+
+STORY = "Anna has a red bicycle. She rides it to school every day with her brother Tom."
+
+
+def _coqa_file(tmp_path, **dialog):
+    turns = [("What color is Anna's bicycle?", "red", ["Red", "it is red"]),
+             ("Where does she ride it?", "to school", ["school", "To school every day"]),
+             ("With whom?", "her brother Tom", ["Tom", "with her brother"])]
+    record = {
+        "source": "test", "id": "d1", "filename": "story.txt", "story": STORY,
+        "questions": [{"input_text": q, "turn_id": i + 1} for i, (q, _, _) in enumerate(turns)],
+        "answers": [{"input_text": a, "span_text": a, "turn_id": i + 1} for i, (_, a, _) in enumerate(turns)],
+        "additional_answers": {str(k): [{"input_text": extra[k], "turn_id": i + 1} for i, (_, _, extra) in enumerate(turns)]
+                               for k in range(2)},
+        **dialog,
+    }
+    path = tmp_path / "coqa.json"
+    path.write_text(json.dumps({"version": "1.0", "data": [record]}))
+    return path
+
+
+def test_coqa_prompts_carry_the_story_and_the_dialogue_so_far(tmp_path):
+    records = prompts.read_records(_coqa_file(tmp_path), "coqa")
+    assert [r["turn_id"] for r in records] == [1, 2, 3]
+    assert records[1]["answers"] == ["to school", "school", "To school every day"]
+    assert prompts.coqa_prompt(STORY, records[2]["history"], records[2]["question"]) == (
+        STORY + "\n\n"
+        "Q: What color is Anna's bicycle?\nA: red\n"
+        "Q: Where does she ride it?\nA: to school\n"
+        "Q: With whom?\nA:"
+    )
+    assert prompts.coqa_prompt(STORY, [], records[0]["question"]) == STORY + "\n\nQ: What color is Anna's bicycle?\nA:"
+    # Too long for the context: the oldest turns go first, the story and the question stay.
+    enc = get_tokenizer()
+    full = prompts.task_prompts("coqa", records[2:], [], room=10_000)[0]
+    (tight,) = prompts.task_prompts("coqa", records[2:], [], room=len(full) - 1)
+    assert enc.decode(tight) == STORY + "\n\nQ: Where does she ride it?\nA: to school\nQ: With whom?\nA:"
+
+
+def test_coqa_f1_follows_the_official_definition():
+    # One reference: word F1 after SQuAD/CoQA normalization. "the red one" vs "red": articles go,
+    # P = 1/2, R = 1: F1 = 2/3.
+    assert prompts.coqa_scores(["the red one"], [["Red"]]) == {"f1": pytest.approx(100 * 2 / 3), "exact_match": 0.0}
+    # Several references: each left out in turn, the best of the rest taken, the n results averaged.
+    golds = ["to school", "school", "To school every day"]
+    f1 = lambda ref, pred: prompts.word_f1(ref, pred)
+    assert f1("To school every day", "school") == pytest.approx(2 * (1 * 0.25) / 1.25)
+    expect = (max(f1("school", "school"), f1("To school every day", "school"))
+              + max(f1("to school", "school"), f1("To school every day", "school"))
+              + max(f1("to school", "school"), f1("school", "school"))) / 3
+    got = prompts.coqa_scores(["school"], [golds])
+    assert got["f1"] == pytest.approx(100 * expect) and got["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 3)
+    assert got["exact_match"] == pytest.approx(100 * 2 / 3)  # exact against "school" in two of the three pools
+    # Empty answers agree only with empty answers; punctuation and case never count.
+    assert prompts.word_f1("", "") == 1.0 and prompts.word_f1("", "red") == 0.0
+    assert prompts.word_f1("Tom!", "tom") == 1.0
+
+
+class _FakeGenerator:
+    """Answers each prompt's last question from a table, as greedy decoding that stops at the newline
+    would; records what it was asked."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.config = types.SimpleNamespace(n_ctx=1024)
+        self.answers, self.calls = answers, []
+
+    def generate_tokens(self, batch, sampling, *, seed, truncate):
+        enc = get_tokenizer()
+        self.calls.append((batch, sampling))
+        rows = [enc.encode_ordinary(" " + self.answers[enc.decode(p).rsplit("Q: ", 1)[1].removesuffix("\nA:")])
+                for p in batch]
+        return types.SimpleNamespace(rows=lambda: rows)
+
+
+def test_coqa_run_task_greedy_to_the_end_of_the_line(tmp_path):
+    from gpt2_jax.generate import SamplingConfig
+
+    records = prompts.read_records(_coqa_file(tmp_path), "coqa")
+    gen = _FakeGenerator({"What color is Anna's bicycle?": "Red.", "Where does she ride it?": "school",
+                          "With whom?": "her dog"})
+    out = tmp_path / "pred.jsonl"
+    report = prompts.run_task(gen, "coqa", records, SamplingConfig(**prompts.TASKS["coqa"].sampling), output=str(out))
+    (batch, sampling), = gen.calls
+    enc = get_tokenizer()
+    assert [enc.decode(p) for p in batch] == [
+        prompts.coqa_prompt(STORY, r["history"], r["question"]) for r in records]
+    assert sampling.greedy and set(sampling.stop_ids) == set(prompts.newline_ids())
+    assert enc.encode_ordinary("\n")[0] in sampling.stop_ids and enc.encode_ordinary("\n\n")[0] in sampling.stop_ids
+    assert report["sampling"]["stop"] == "end of line" and report["records"] == 3
+    # Turn 1: exact in every pool. Turn 2: as in the test above. Turn 3: "her" shared with two of the
+    # three references (P = 1/2, R = 1/3: F1 = 0.4), and every pool holds one of them.
+    assert report["metrics"]["f1"] == pytest.approx(100 * (1 + (1 + 2 / 3 + 1) / 3 + 0.4) / 3)
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["prediction"] for p in preds] == ["Red.", "school", "her dog"]
+    assert all("story" not in p and "history" not in p for p in preds)
+    with pytest.raises(TaskError, match="coqa takes no in-context examples"):
+        prompts.run_task(gen, "coqa", records, sampling, shots=1)
+
+
+@pytest.mark.parametrize(
+    "change, msg",
+    [
+        (dict(story=""), '"story" must be a non-empty string'),
+        (dict(answers=[]), '"questions" and "answers" must be lists of the same length'),
+        (dict(additional_answers={"0": []}), '"additional_answers" must map names'),
+        (dict(questions=[{"input_text": "Q1?", "turn_id": 1}, {"input_text": "Q2?", "turn_id": 2},
+                         {"input_text": "Q3?", "turn_id": 7}]), "answer 2 belongs to another turn"),
+        (dict(questions=[{"text": "Q1?", "turn_id": 1}, {"input_text": "Q2?", "turn_id": 2},
+                         {"input_text": "Q3?", "turn_id": 3}]), 'questions\\[0\\]: expected an object with an "input_text"'),
+    ],
+)
+def test_coqa_file_errors(tmp_path, change, msg):
+    with pytest.raises(TaskError, match=msg):
+        prompts.read_records(_coqa_file(tmp_path, **change), "coqa")
+
+
+def test_coqa_file_that_is_not_one(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"data": 3}')
+    with pytest.raises(TaskError, match='not a CoQA file'):
+        prompts.read_records(bad, "coqa")
+    bad.write_text('{"data": [')
+    with pytest.raises(TaskError, match=r"x.json:1: not valid JSON"):
+        prompts.read_records(bad, "coqa")

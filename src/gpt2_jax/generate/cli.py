@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="file whose UTF-8 text is the prompt")
     src.add_argument("--unconditional", action="store_true", help="sample from <|endoftext|> alone")
     src.add_argument("--task", choices=sorted(prompts.TASKS), help="zero-shot task format from the GPT-2 paper, run over --input")
-    p.add_argument("--input", help="jsonl file of task records (--task); see gpt2_jax.prompts for the fields")
+    p.add_argument("--input", help="with --task: a jsonl file of task records (see gpt2_jax.prompts for the fields), "
+                                   "or for coqa a CoQA JSON file (coqa-dev-v1.0.json)")
     p.add_argument("--output", help="with --task: write one jsonl record per input with the prediction")
     p.add_argument("--shots", type=int, default=None,
                    help="with --task translate/qa: use the first N records as in-context examples and score the rest")
@@ -66,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
     p.add_argument("--batch-size", type=int, default=8, help="with --task: records generated per batch")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate per sample (default 100; with --task, the task's: "
-                        "summarize 100, translate 64, qa 32)")
+                        "summarize 100, translate 64, qa and coqa 32)")
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=None,
                    help="always take the most likely token (--no-greedy samples; default: sample, except for the "
-                        "translate and qa tasks)")
+                        "translate, qa and coqa tasks)")
     p.add_argument("--temperature", type=float, default=None, help="divide logits by this before sampling (default 1)")
     p.add_argument("--top-k", type=int, default=None,
                    help="sample among the k most likely tokens; 0 = all (default 40, as the paper's samples; "
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.task is not None and not args.input:
             raise GenerationError("--task needs --input FILE.jsonl")
         if args.task is not None:
-            records = prompts.read_jsonl(args.input, args.task)  # check the file before loading a model
+            records = prompts.read_records(args.input, args.task)  # check the file before loading a model
         elif args.unconditional:
             prompt_tokens = [EOT_ID]
         else:
