@@ -11,6 +11,8 @@ CONFIG = {
     "dataset": "tiny_shakespeare",
     "seq_len": 128,
     "batch_size": 8,
+    "grad_accum": "auto",  # the smallest whose compiled step fits the device (gpt2_jax.train.plan)
+    "remat_policy": "auto",  # the lightest that fits at that grad_accum
     "steps": 250,
     "lr": 1e-3,
     "warmup_steps": 20,

@@ -121,7 +121,7 @@ def test_train_prints_its_memory_estimate(tmp_path, capsys, shared_data):
                        "eval_batches=1", "sample_tokens=1", f"run_dir={tmp_path / 'run'}"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "memory estimate: " in out and "memory of the compiled train step: " in out
+    assert "memory estimate: " in out and "micro-batch: grad_accum=1 " in out and "compiled step " in out
 
 
 @pytest.fixture

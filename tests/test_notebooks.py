@@ -58,6 +58,7 @@ def test_notebooks_run_on_cpu(tmp_path, shared_data, monkeypatch):
         PLOT_EVERY_S=1,
     ), tmp_path)
     assert (run / "metrics.jsonl").is_file() and (run / "curves.png").is_file()
+    assert "micro-batch: grad_accum=" in _text(nb) and "memory per device: state and batch" in _text(nb)  # the dry run
     assert (run / "checkpoints").is_dir()
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
                for c in nb.cells for o in c.get("outputs", []))

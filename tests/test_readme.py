@@ -29,6 +29,8 @@ COVERAGE = {
                                "tests/test_sharding.py::test_presets_build_sharded_state_abstractly"],
     'make train SIZE=medium ARGS="grad_accum=8 mesh=2,-1,1"': ["tests/test_train.py::test_overrides_are_type_checked",
                                                                "tests/test_sharding.py::test_mesh_matches_one_device"],
+    "make train SIZE=medium ARGS=--dry-run": ["tests/test_plan.py::test_make_train_medium_fits_the_device_it_is_started_on",
+                                              "tests/test_plan.py::test_dry_run_prints_the_plan_and_writes_nothing"],
     "python -m gpt2_jax.convert inspect path/to/gpt2": ["tests/test_convert.py::test_cli_from_hf_to_hf_round_trip"],
     "python -m gpt2_jax.convert from-hf path/to/gpt2 ckpt/gpt2": ["tests/test_convert.py::test_cli_from_hf_to_hf_round_trip"],
     "python -m gpt2_jax.convert to-hf ckpt/gpt2 out/gpt2-hf": ["tests/test_convert.py::test_cli_from_hf_to_hf_round_trip"],
@@ -48,6 +50,8 @@ COVERAGE = {
     "python -m gpt2_jax.eval --model path/to/gpt2 --task all --compare paper": [
         "tests/test_eval.py::test_every_task_end_to_end", "tests/test_eval.py::test_full_bytes_split_and_paper_column"],
     "make paper-table MODEL=path/to/gpt2": ["tests/test_eval.py::test_full_bytes_split_and_paper_column"],
+    'make paper-table MODEL=path/to/gpt2 EVAL_ARGS="--stride n_ctx"': [
+        "tests/test_eval.py::test_stride_n_ctx_is_the_non_overlapping_protocol"],
     'python -m gpt2_jax.generate --model path/to/gpt2 --prompt "In a shocking finding," --seed 0': [
         "tests/test_generate.py::test_cli_streams_the_same_text_as_the_library"],
     'python -m gpt2_jax.generate --model runs/tiny-... --prompt "ROMEO:" --top-k 40 --max-new-tokens 64': [
@@ -60,6 +64,8 @@ COVERAGE = {
     "python -m gpt2_jax.generate --model path/to/gpt2 --task translate --input wmt.jsonl --shots 5": [
         "tests/test_generate.py::test_run_task_summarize_and_translate_report_their_metrics",
         "tests/test_generate.py::test_task_cli_qa_writes_predictions"],
+    "python -m gpt2_jax.generate --model path/to/gpt2 --task coqa --input coqa-dev-v1.0.json --output coqa_preds.jsonl": [
+        "tests/test_generate.py::test_task_cli_coqa_stops_at_the_end_of_the_line"],
     'make finetune MODEL=path/to/gpt2 DATA=pairs.jsonl ARGS="steps=500 lr=3e-5"': [
         "tests/test_finetune.py::test_finetune_through_the_train_entry_point"],
     'python -m gpt2_jax.train finetune init_from=path/to/gpt2 finetune_data=qa.jsonl "prompt_template=Q: {question}\\nA:" "completion_template= {answer}"': [

@@ -109,6 +109,8 @@ def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
     # auto resolves to the platform's implementation, printed once and recorded.
     assert out.count("attention: xla (auto: no flash kernel for cpu)") == 1
     assert config["model"]["attention"] == "xla"
+    # grad_accum and remat_policy auto (the experiment's) are recorded as chosen.
+    assert config["train"]["grad_accum"] == 1 and config["model"]["remat_policy"] == "none"
     assert any((run / "tensorboard").iterdir())
     # A learning rate this large overflows the weights: the run stops loudly.
     assert train_main(["tiny", *TINY_RUN, "steps=4", "lr=1e38", "warmup_steps=0", f"run_dir={tmp_path / 'nan'}"]) == 1

@@ -53,8 +53,11 @@ def _host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def device_memory(device=None) -> tuple[int, str]:
-    """(bytes one device may use, where that figure comes from)."""
+def device_memory(device=None, override_gib: float = 0.0) -> tuple[int, str]:
+    """(bytes one device may use, where that figure comes from); `override_gib` (the
+    `device_memory_gib=` setting) wins when set."""
+    if override_gib:
+        return int(override_gib * GiB), "device_memory_gib"
     device = device if device is not None else jax.local_devices()[0]
     stats = None
     try:
@@ -129,9 +132,9 @@ def generate_estimate(cfg: ModelConfig, *, rows_per_device: int, prompt_len: int
     })
 
 
-def check(estimate: Estimate, what: str, lower: str, device=None) -> None:
+def check(estimate: Estimate, what: str, lower: str, device=None, override_gib: float = 0.0) -> None:
     """Refuse (PreflightError, one line) an estimate that leaves less than MARGIN of a device free."""
-    limit, source = device_memory(device)
+    limit, source = device_memory(device, override_gib)
     if estimate.total > (1 - MARGIN) * limit:
         raise PreflightError(
             f"{what} needs about {estimate} but a device has {limit / GiB:.2f} GiB ({source}); {lower}"

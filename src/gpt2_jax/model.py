@@ -265,7 +265,7 @@ class GPT2(nn.Module):
         x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
 
         block = Block
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy not in ("none", "auto"):  # auto is resolved by the trainer; inference saves nothing anyway
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             stack = nn.scan(

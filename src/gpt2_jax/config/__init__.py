@@ -11,8 +11,10 @@ from typing import Any
 GPT2_VOCAB_SIZE = 50257
 
 # "full" saves nothing and recomputes each block; "dots" keeps matmul outputs; "dots_no_batch"
-# keeps only matmuls without batch dimensions (the weight-stationary ones).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# keeps only matmuls without batch dimensions (the weight-stationary ones); "auto" is chosen by the
+# trainer from the compiled step's memory (lightest first: none, dots, dots_no_batch, full).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "auto")
+REMAT_BY_WEIGHT = ("none", "dots", "dots_no_batch", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 # Attention implementation (gpt2_jax.attention): auto = the platform's flash kernel where dtype and
 # shapes allow (cuDNN on NVIDIA GPUs, Pallas splash on TPUs), XLA elsewhere.

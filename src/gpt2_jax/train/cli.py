@@ -52,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coordinator", help="host:port of process 0, for multi-process runs without a cluster launcher")
     parser.add_argument("--num-processes", type=int, help="number of processes in a multi-process run")
     parser.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="plan and compile the step, then print the resolved config (grad_accum and remat_policy chosen), the mesh, "
+             "the memory per device by kind and the FLOPs against the analytic count; nothing is allocated or written",
+    )
+    args = parser.parse_intermixed_args(argv)  # flags may come before or after the overrides
     overrides = list(args.overrides)
     if "=" in args.experiment:  # only overrides were given
         overrides.insert(0, args.experiment)
@@ -64,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         tcfg, mcfg = resolve_config(settings)
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
-        sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
+        if tcfg.grad_accum:
+            sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
         run_dir = Path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
+        if args.dry_run:
+            train(tcfg, mcfg, run_dir, dry_run=True)
+            return 0
         try:
             final = train(tcfg, mcfg, run_dir)
         finally:

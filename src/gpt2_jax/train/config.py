@@ -29,7 +29,7 @@ class TrainConfig:
     dataset: str = "tiny_shakespeare"
     seq_len: int = 0  # tokens per sequence; 0 = the model's n_ctx
     batch_size: int = 16  # sequences per optimizer step, all devices and micro-batches together
-    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum run at once)
+    grad_accum: int = 0  # micro-batches per step (batch_size / grad_accum run at once); 0 or auto = chosen from memory
     steps: int = 300
     lr: float = 0.0  # peak learning rate; 0 = the size's default (optim.PEAK_LR)
     warmup_steps: int = 20
@@ -41,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dropout: float = 0.0  # embedding, attention and residual dropout (nanoGPT pretrains with 0)
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+    device_memory_gib: float = 0.0  # memory of one device for grad_accum/remat_policy=auto; 0 = what the device reports
     mesh: str = "1,-1,1"  # data,fsdp,tensor device counts; -1 = the rest
     strategy: str = "fsdp"  # dp | fsdp | fsdp_tp
     eval_every: int = 100  # steps between validation losses (and at the end); 0 = only at the end
@@ -77,14 +78,15 @@ class TrainConfig:
             raise ConfigError(f"unknown compute_dtype {self.compute_dtype!r}; valid: auto, {', '.join(DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
-        if self.batch_size % self.grad_accum:
+        if self.grad_accum and self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
 
 _COUNT = Range(1, 1 << 40)
 _PERIOD = Range(0, 1 << 40)
 TRAIN_RANGES = {
-    "seq_len": Range(0, 1 << 20), "batch_size": Range(1, 1 << 24), "grad_accum": Range(1, 1 << 24), "steps": _COUNT,
+    "seq_len": Range(0, 1 << 20), "batch_size": Range(1, 1 << 24), "grad_accum": Range(0, 1 << 24), "steps": _COUNT,
+    "device_memory_gib": Range(0.0, 1 << 20),
     "lr": Range(0.0, 10.0), "warmup_steps": _PERIOD, "min_lr_ratio": Range(0.0, 1.0), "weight_decay": Range(0.0, 10.0),
     "b1": PROBABILITY, "b2": PROBABILITY, "eps": Range(0.0, 1.0, low_open=True), "grad_clip": Range(0.0, 1e9),
     "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "sample_every": _PERIOD,
@@ -140,6 +142,9 @@ def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
 
     The model's compute dtype ("auto" still unresolved) and dropout come from the TrainConfig.
     """
+    settings = {**settings}
+    if str(settings.get("grad_accum", "")).lower() == "auto":
+        settings["grad_accum"] = 0  # chosen from the compiled step's memory (gpt2_jax.train.plan)
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     train_kw, model_kw = {}, {}

@@ -12,20 +12,19 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gpt2_jax import attention, checkpoint, costs, data, files, finetune, memory, optim, sharding, step as step_lib, weights
+from gpt2_jax import attention, checkpoint, costs, data, files, finetune, memory, sharding, step as step_lib, weights
 from gpt2_jax.config import ConfigError, ModelConfig, replace
 from gpt2_jax.data import DataError
 from gpt2_jax.generate import Generator, SamplingConfig
 from gpt2_jax.metrics import MetricsWriter
-from gpt2_jax.sharding import ShardingError
 from gpt2_jax.tokenizer import get_tokenizer
 from gpt2_jax.train.config import TrainConfig, TrainingError, resolve_dtype
 from gpt2_jax.train.hooks import Hooks, Meter
+from gpt2_jax.train.plan import Plan, batch_shapes, dry_run_report, make_plan
 
 
 def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int) -> tuple[Iterator[np.ndarray], list[dict[str, np.ndarray]]]:
@@ -161,15 +160,6 @@ def sample_text(mcfg: ModelConfig, params, place: sharding.Placement, tcfg: Trai
     return tcfg.sample_prompt + tok.decode(result.rows()[0])
 
 
-def abstract_batch(tcfg: TrainConfig, seq_len: int, place: sharding.Placement) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch a step takes, as shapes: tokens [B, T+1], and for fine-tuning the mask [B, T]."""
-    rows = sharding.batch_sharding(place.mesh)
-    batch = {"tokens": jax.ShapeDtypeStruct((tcfg.batch_size, seq_len + 1), jnp.int32, sharding=rows)}
-    if tcfg.finetune_data:
-        batch["mask"] = jax.ShapeDtypeStruct((tcfg.batch_size, seq_len), jnp.float32, sharding=rows)
-    return batch
-
-
 @dataclasses.dataclass
 class Progress:
     """What the run has to report: the final record, and the validation loss of each evaluated step."""
@@ -243,53 +233,55 @@ class PeriodicWork:
         )
 
 
-def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print) -> dict[str, Any]:
-    """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s)."""
+def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print, dry_run: bool = False) -> dict[str, Any]:
+    """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s). With `dry_run`,
+    stop once the step is planned and compiled (nothing allocated, nothing written) and print the plan."""
     say = echo if jax.process_index() == 0 else (lambda *_: None)
     mcfg, seq_len, attn = model_config(tcfg, mcfg)
     say(f"memory estimate: {preflight(tcfg, mcfg, seq_len)}")  # before anything is built or written
+    plan = make_plan(tcfg, mcfg, seq_len)  # grad_accum and remat_policy resolved, the step compiled
+    say(f"micro-batch: {plan.describe()}")
+    if dry_run:
+        say(dry_run_report(plan))
+        return {"dry_run": True, "grad_accum": plan.tcfg.grad_accum, "remat_policy": plan.mcfg.remat_policy, "bytes": plan.bytes}
     with run_directory(run_dir, say):
-        return _train(tcfg, mcfg, seq_len, attn, run_dir, say)
+        return _train(plan, attn, run_dir, say)
+
+
+def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Estimate:
+    """The memory a step needs per device, from the shapes alone; refused when it cannot fit even
+    in the most favourable setting that auto could choose (one sequence per device, full remat)."""
+    data, fsdp, tensor = sharding.resolve_mesh_shape(tcfg.mesh, jax.device_count())
+    shards = {"dp": 1, "fsdp": fsdp, "fsdp_tp": fsdp * tensor}[tcfg.strategy]
+    rows = max(1, tcfg.batch_size // tcfg.grad_accum // (data * fsdp)) if tcfg.grad_accum else 1
+    cfg = replace(mcfg, remat_policy="full") if mcfg.remat_policy == "auto" else mcfg
+    estimate = memory.train_estimate(
+        cfg, rows_per_device=rows, seq_len=seq_len, param_shards=shards,
+        tensor=tensor if tcfg.strategy == "fsdp_tp" else 1, grad_accum=tcfg.grad_accum or 2,
+    )
+    memory.check(
+        estimate, f"training {tcfg.size} with {rows} sequence(s) of {seq_len} tokens per device", LOWER_TRAIN_MEMORY,
+        override_gib=tcfg.device_memory_gib,
+    )
+    return estimate
 
 
 LOWER_TRAIN_MEMORY = "lower batch_size= or raise grad_accum=, set remat_policy=full, or spread the model over more devices (mesh=, strategy=)"
 
 
-def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Estimate:
-    """The memory a step needs per device, from the shapes alone; refused when it cannot fit."""
-    data, fsdp, tensor = sharding.resolve_mesh_shape(tcfg.mesh, jax.device_count())
-    shards = {"dp": 1, "fsdp": fsdp, "fsdp_tp": fsdp * tensor}[tcfg.strategy]
-    micro = tcfg.batch_size // tcfg.grad_accum
-    estimate = memory.train_estimate(
-        mcfg, rows_per_device=max(1, micro // (data * fsdp)), seq_len=seq_len, param_shards=shards,
-        tensor=tensor if tcfg.strategy == "fsdp_tp" else 1, grad_accum=tcfg.grad_accum,
-    )
-    memory.check(estimate, f"training {tcfg.size} with micro-batches of {micro} x {seq_len} tokens", LOWER_TRAIN_MEMORY)
-    return estimate
-
-
-def _train(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int, attn, run_dir: Path, say) -> dict[str, Any]:
+def _train(plan: Plan, attn, run_dir: Path, say) -> dict[str, Any]:
     main_process = jax.process_index() == 0
-    place = sharding.placement(mcfg, tcfg.mesh, tcfg.strategy)
+    tcfg, mcfg, seq_len, place, tx, abstract, shardings = plan.tcfg, plan.mcfg, plan.seq_len, plan.place, plan.tx, plan.abstract, plan.shardings
     micro = tcfg.batch_size // tcfg.grad_accum
-    sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, place.mesh)
-    if micro % jax.process_count():
-        raise ShardingError(f"micro-batch of {micro} sequences does not divide over {jax.process_count()} processes")
     if tcfg.finetune_data:
         train_batches, val_batches, seq_len = finetune.load_data(tcfg, mcfg, micro)
     else:
         train_batches, val_batches = load_data(tcfg, seq_len, micro)
-    schedule = optim.lr_schedule(tcfg.lr or optim.PEAK_LR[tcfg.size], tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
-    tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
+    train_step = plan.train_step
+    if seq_len != plan.seq_len:  # fine-tuning examples shorter than the context: a smaller step
+        train_step = step_lib.compile_train_step(mcfg, tx, plan.schedule, tcfg.grad_accum, place.mesh, place.rules, shardings).lower(
+            abstract, batch_shapes(tcfg, seq_len, place)).compile()
     run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
-    abstract, shardings = step_lib.state_shardings(mcfg, tx, place.mesh, place.rules)
-    if place.mesh.size > 1:
-        sharding.check_params_sharded(shardings.params, tcfg.strategy, shapes=abstract.params)
-    # Compiled from the abstract state before anything is allocated, and its memory checked.
-    train_step = step_lib.compile_train_step(mcfg, tx, schedule, tcfg.grad_accum, place.mesh, place.rules, shardings).lower(
-        abstract, abstract_batch(tcfg, seq_len, place)).compile()
-    need = memory.check_compiled(train_step, f"training {tcfg.size}", LOWER_TRAIN_MEMORY)
-    say(f"memory of the compiled train step: {need / memory.GiB:.2f} GiB per device of {memory.device_memory()[0] / memory.GiB:.2f} GiB")
     ckpt = checkpoint.Checkpointer(run_dir, checkpoint.CheckpointOptions(tcfg.ckpt_every, tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async))
     # Restored straight onto the shardings, or created there: the state is never in memory twice,
     # and a resumed run does not read init_from='s weights.
