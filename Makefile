@@ -31,7 +31,7 @@ help:
 	@echo "make prepare  tokenize DATASET=tiny_shakespeare|openwebtext|webtext|text_files|tfds:NAME (DATA_ARGS=\"--files ...\")"
 	@echo "make train     train SIZE=tiny|small|medium|large|xl (experiments/SIZE.py), ARGS=\"key=value ...\""
 	@echo "make eval     evaluate MODEL=dir on TASKS=lambada,wikitext2,... (SPLIT=test|valid, EVAL_ARGS=...)"
-	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside"
+	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside (--stride half; EVAL_ARGS=\"--stride n_ctx\")"
 	@echo "make sample   generate text from MODEL=dir (default random tiny weights), PROMPT=..., GEN_ARGS=..."
 	@echo "make finetune fine-tune MODEL=dir on DATA=pairs.jsonl (prompt/completion), ARGS=\"key=value ...\""
 
@@ -77,8 +77,8 @@ eval:
 
 paper-table:
 	@test -n "$(MODEL)" || { echo "error: make paper-table needs MODEL=<run, checkpoint or HF directory>" >&2; exit 2; }
-	$(PY) -m gpt2_jax.eval --model $(MODEL) --task $(PAPER_TASKS) --split test --compare paper --markdown \
-		--output $(MODEL)/paper_table.json $(EVAL_ARGS)
+	$(PY) -m gpt2_jax.eval --model $(MODEL) --task $(PAPER_TASKS) --split test --stride half --compare paper \
+		--markdown --output $(MODEL)/paper_table.json $(EVAL_ARGS)
 
 # Train an experiment from experiments/; ARGS="key=value ..." overrides its settings.
 SIZE ?= tiny

@@ -157,6 +157,35 @@ def test_wikitext2_token_perplexity_matches_hf(hf_dir, scorer, shared_data):
     np.testing.assert_allclose(ours["metrics"]["ppl_word"], math.exp(nll / count_words(original)), rtol=1e-4)
 
 
+def test_stride_n_ctx_is_the_non_overlapping_protocol(hf_dir, shared_data, tmp_path, capsys):
+    """`--stride n_ctx`: each window starts where the last one ended; the figure equals HF's over
+    non-overlapping windows, and the table and JSON say which stride it was."""
+    out = tmp_path / "r.json"
+    rc = cli.main(["--model", str(hf_dir), "--task", "wikitext2", "--data-dir", str(shared_data), "--split", "valid",
+                   "--limit", "45", "--stride", "n_ctx", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["protocol"]["stride"] == N_CTX and report["protocol"]["windows"] == "non-overlapping"
+    result = report["tasks"]["wikitext2"]
+    assert result["stride"] == N_CTX
+    assert [line.split()[-1] for line in printed.splitlines() if line.startswith("wikitext2")] == [str(N_CTX)] * 2
+    from transformers import GPT2LMHeadModel
+
+    original = "".join((shared_data / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(True)[:45])
+    ids = [EOT_ID, *get_tokenizer().encode_ordinary(wikitext_detokenize(original))]
+    nll, n = _hf_windowed_nll(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), ids, N_CTX, N_CTX)
+    np.testing.assert_allclose(result["metrics"]["ppl_token"], math.exp(nll / n), rtol=1e-4)
+
+
+@pytest.mark.parametrize("stride, msg", [("0", "--stride must be a positive number of tokens, 'half' or 'n_ctx', got '0'"),
+                                         ("full", "got 'full'"), ("129", "--stride 129 exceeds the model's context n_ctx=128")])
+def test_bad_stride_is_one_line(hf_dir, shared_data, capsys, stride, msg):
+    rc = cli.main(["--model", str(hf_dir), "--task", "wikitext2", "--data-dir", str(shared_data), "--stride", stride])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: ") and msg in err
+
+
 def _biased_hf_dir(hf_dir: Path, out: Path, tokens: list[int], alpha: float) -> Path:
     """The tiny model with its final LayerNorm bias pushed toward `tokens`: the argmax is one of
     them at most positions, which one depends on the context, so LAMBADA accuracy is not 0."""
