@@ -269,8 +269,8 @@ LAMBADA_PROTOCOL = (
     " the word's BPE tokens, i.e. each is the argmax given the context and the word's earlier "
     "tokens; perplexity = exp(mean over passages of the word's NLL). whole_word_stopword_filter "
     "(paper section 3.3): as whole_word, but the word's first token is the argmax over the tokens "
-    "that are not a stop word (the function words of LAMBADA_STOP_WORDS, each as one space-prefixed"
-    " token, lower case or capitalized; the paper's list is unpublished)."
+    "that are not a stop word (the function words of gpt2_jax.eval.tasks.LAMBADA_STOP_WORDS, each as one"
+    " space-prefixed token, lower case or capitalized; the paper's list is unpublished)."
 )
 LAMBADA_FOOTNOTE = (
     "lambada: the paper's protocol is unpublished; its figures stand beside the last-token variant, "
