@@ -99,11 +99,13 @@ def test_command_line_code_lives_in_cli_modules():
 
 
 # Each heavy dependency has one home (../shared/STYLE.md): Orbax in checkpoint, TFDS and Grain in
-# the data package, tiktoken in tokenizer, torch only in convert (to read pytorch_model.bin).
+# the data package (pyarrow too: FineWeb-Edu's parquet files), tiktoken in tokenizer, torch only in
+# convert (to read pytorch_model.bin).
 HOMES = {
     "orbax": ("gpt2_jax.checkpoint",),
     "tensorflow_datasets": ("gpt2_jax.data",),
     "grain": ("gpt2_jax.data",),
+    "pyarrow": ("gpt2_jax.data",),
     "tiktoken": ("gpt2_jax.tokenizer",),
     "torch": ("gpt2_jax.convert",),
     "transformers": (),

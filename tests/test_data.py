@@ -213,6 +213,80 @@ def test_openwebtext_layouts_with_held_out_subsets(tmp_path, paragraphs, layout)
         np.testing.assert_array_equal(store_tokens(store, split), encode_docs(expected))
 
 
+def write_fineweb_parquet(path: Path, texts: list, *, row_group_size: int, first_id: int = 0) -> list[str]:
+    """A parquet file in FineWeb-Edu's released schema (`text` a string column, possibly holding
+    invalid UTF-8 as the files could); returns the ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(texts)
+    ids = [f"<urn:uuid:{first_id + i:08d}-0000-4000-8000-000000000000>" for i in range(n)]
+    raw = [t if isinstance(t, bytes) else t.encode() for t in texts]
+    columns = {
+        "text": pa.array(raw, pa.binary()).view(pa.string()),  # no UTF-8 check, as a writer of bad bytes did
+        "id": pa.array(ids, pa.string()),
+        "dump": pa.array(["CC-MAIN-2024-10"] * n, pa.string()),
+        "url": pa.array([f"https://example.org/{first_id + i}" for i in range(n)], pa.string()),
+        "file_path": pa.array(["s3://commoncrawl/crawl-data/x.warc.gz"] * n, pa.string()),
+        "language": pa.array(["en"] * n, pa.string()),
+        "language_score": pa.array([0.97] * n, pa.float64()),
+        "token_count": pa.array([len(r) // 4 for r in raw], pa.int64()),
+        "score": pa.array([3.1] * n, pa.float64()),
+        "int_score": pa.array([3] * n, pa.int64()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    assert pq.ParquetFile(path).num_row_groups > 1
+    return ids
+
+
+def fineweb_corpus(manual: Path, paragraphs):
+    """Two files of sample/10BT with several row groups, a non-UTF-8 row and an empty row; returns
+    [(id, expected text)] of the non-empty documents in file order."""
+    sample = manual / "fineweb_edu" / "sample" / "10BT"
+    first = paragraphs[:23] + [b"caf\xe9 \xff na\xc3\xafve", ""] + paragraphs[23:30]
+    second = paragraphs[30:45]
+    docs = []
+    for name, texts, start in (("000_00000.parquet", first, 0), ("001_00000.parquet", second, 100)):
+        ids = write_fineweb_parquet(sample / name, texts, row_group_size=7, first_id=start)
+        docs += [(i, t if isinstance(t, str) else t.decode("utf-8", errors="replace")) for i, t in zip(ids, texts) if t]
+    return docs
+
+
+def test_fineweb_edu_from_parquet_with_held_out_documents(tmp_path, paragraphs, monkeypatch, capfd):
+    import pyarrow.parquet as pq
+
+    docs = fineweb_corpus(tmp_path / "data", paragraphs)
+
+    def whole_file(*_, **__):
+        raise AssertionError("a whole parquet file was read at once")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
+    monkeypatch.setattr(pq, "read_table", whole_file)
+    kw = dict(cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data", validation_fraction=0.3, docs_per_shard=6,
+              progress=False)
+    store = prepare("fineweb_edu", workers=2, **kw)
+    held = [sources.in_validation(i, 0.3) for i, _ in docs]
+    assert 0 < sum(held) < len(docs)
+    for split, want in (("train", False), ("validation", True)):
+        np.testing.assert_array_equal(store_tokens(store, split), encode_docs([t for (_, t), h in zip(docs, held) if h == want]))
+    manifest = load_manifest(store)
+    bad = tmp_path / "data" / "fineweb_edu" / "sample" / "10BT" / "000_00000.parquet"
+    assert manifest["replaced_bytes"] == {f"{bad}:23": 2}
+    assert f"warning: {bad}:23: 2 invalid UTF-8 bytes replaced with U+FFFD" in capfd.readouterr().err
+    assert manifest["source"]["files"] == 2 and manifest["source"]["validation_fraction"] == 0.3
+    # Resumes like the other data sets: a crash that lost the manifest and a shard redoes only that shard.
+    before = file_hashes(store)
+    stamp = (store / "train-00000.bin").stat().st_mtime_ns
+    (store / "manifest.json").unlink()
+    (store / "train-00001.bin").unlink()
+    assert prepare("fineweb_edu", workers=1, **kw) == store
+    assert file_hashes(store) == before and (store / "train-00000.bin").stat().st_mtime_ns == stamp
+    # Another file downloaded later is a new build, not the old one silently reused.
+    write_fineweb_parquet(bad.parent / "002_00000.parquet", paragraphs[45:50], row_group_size=2, first_id=200)
+    assert load_manifest(prepare("fineweb_edu", workers=1, **kw))["source"]["files"] == 3
+
+
 # --- bad inputs: one-line errors naming the file; nothing already prepared is lost ------------------
 
 
@@ -261,6 +335,14 @@ def test_bad_inputs_give_one_line_errors_and_keep_prepared_data(tmp_path, good_s
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     cases.append((["--dataset", "openwebtext", "--manual-dir", str(tmp_path / "data"), "--validation-fraction", "0.5"],
                   f"{archive}: truncated or damaged archive"))
+    # FineWeb-Edu without its parquet files, and with one that is not parquet.
+    cases.append((["--dataset", "fineweb_edu", "--manual-dir", str(tmp_path / "nowhere")],
+                  f"fineweb_edu: no .parquet files in {tmp_path / 'nowhere'}/fineweb_edu/sample/10BT/: download the "
+                  "sample/10BT/*.parquet files of HuggingFaceFW/fineweb-edu"))
+    (tmp_path / "fw" / "fineweb_edu" / "sample" / "10BT").mkdir(parents=True)
+    (tmp_path / "fw" / "fineweb_edu" / "sample" / "10BT" / "000_00000.parquet").write_bytes(b"PAR1 cut short")
+    cases.append((["--dataset", "fineweb_edu", "--manual-dir", str(tmp_path / "fw")],
+                  f"{tmp_path / 'fw'}/fineweb_edu/sample/10BT/000_00000.parquet: not a readable parquet file"))
     for argv, needle in cases:
         rc, errors = run_cli(["prepare", *argv, "--cache-dir", str(cache), "--quiet"], capsys)
         assert rc == 1 and len(errors) == 1 and needle in errors[0], (argv, errors)

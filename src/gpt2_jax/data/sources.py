@@ -38,8 +38,10 @@ TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/mast
 WEBTEXT_URL = "https://openaipublic.blob.core.windows.net/gpt-2/output-dataset/v1/webtext.{split}.jsonl"
 # The OpenWebText corpus (Gokaslan & Cohen 2019), Zenodo record 3834942.
 OPENWEBTEXT_URL = "https://zenodo.org/records/3834942/files/openwebtext.tar.xz"
+# FineWeb-Edu (Lozhkov, Ben Allal, von Werra, Wolf 2024) on the Hugging Face Hub; its 10B-token sample.
+FINEWEB_EDU_URL = "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu"
 
-BUILTIN = ("tiny_shakespeare", "openwebtext", "webtext", "text_files")
+BUILTIN = ("tiny_shakespeare", "openwebtext", "webtext", "fineweb_edu", "text_files")
 CATALOG_PREFIX = "tfds:"
 
 _INVALID_BYTE = re.compile("[\udc80-\udcff]")
@@ -102,6 +104,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared plumbing: a manual directory and the list of files it should hold."""
 
     VERSION = tfds.core.Version("1.0.0")
+    manual_only = False  # True: files only come from the manual directory, never downloaded
 
     def __init__(self, *, manual_dir: Path | None, **kwargs):
         self.manual = Path(manual_dir) if manual_dir is not None else None
@@ -116,6 +119,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def required_files(self) -> tuple[list[Path], list[str]]:
         """(manual files that are missing, URLs that would replace them)."""
         return [], []
+
+    def missing_error(self, missing: list[Path], urls: list[str], manual_root: Path | None) -> DataError:
+        """The one-line error for files that are neither in the manual directory nor downloadable."""
+        return _missing_files_error(self.name, missing, urls, manual_root)
 
     def description(self) -> dict[str, Any]:
         """What the data came from, for the token store's manifest (no machine-specific paths)."""
@@ -314,6 +321,101 @@ class OpenWebText(_Builder, skip_registration=True):
             raise DataError(f"{archive}: truncated or damaged archive ({e})") from e
 
 
+class FinewebEdu(_Builder, skip_registration=True):
+    """FineWeb-Edu's 10B-token sample: the released parquet files `sample/10BT/*.parquet`, `text` column.
+
+    Files are read with pyarrow a row group at a time, and its text in batches of rows, so no file
+    is ever whole in memory. Validation holds out the documents whose `id` (the released
+    `<urn:uuid:...>`; file and row where a file has none) hashes below a fraction: which documents
+    are held out does not depend on which files are present or in what order they are read.
+    Online downloads are not attempted (tens of GB from the Hub): the files come from the manual
+    directory.
+    """
+
+    name = "fineweb_edu"
+    SAMPLE = "sample/10BT"
+    BATCH_ROWS = 1024  # rows of text decoded at a time
+    manual_only = True
+
+    def __init__(self, *, validation_fraction: float = 0.001, **kwargs):
+        if not 0.0 < validation_fraction < 1.0:
+            raise DataError(f"fineweb_edu: validation_fraction must be in (0, 1), got {validation_fraction}")
+        self.validation_fraction = validation_fraction
+        # The config name pins the files (names and sizes): more files downloaded make a new build.
+        stamp = hashlib.sha256(json.dumps([[p.name, p.stat().st_size] for p in self._files(kwargs.get("manual_dir"))])
+                               .encode()).hexdigest()[:12]
+        super().__init__(config=tfds.core.BuilderConfig(name=f"val{validation_fraction:g}-{stamp}"), **kwargs)
+
+    def _files(self, manual=None) -> list[Path]:
+        root = Path(manual) if manual is not None else self.manual
+        return sorted((root / self.SAMPLE).glob("*.parquet")) if root is not None else []
+
+    def required_files(self):
+        if self._files():
+            return [], []
+        return [(self.manual or Path(self.name)) / self.SAMPLE / "*.parquet"], [f"{FINEWEB_EDU_URL}/tree/main/{self.SAMPLE}"]
+
+    def missing_error(self, missing, urls, manual_root):
+        root = str(manual_root) if manual_root else "DIR"
+        where = f"{root}/{self.name}/{self.SAMPLE}/"
+        return DataError(
+            f"fineweb_edu: no .parquet files in {where}: download the {self.SAMPLE}/*.parquet files of "
+            f"HuggingFaceFW/fineweb-edu ({urls[0]}) into {where} and set {DATA_DIR_ENV}={root} (or pass --manual-dir {root})"
+        )
+
+    def description(self):
+        return {"url": FINEWEB_EDU_URL, "sample": self.SAMPLE, "files": len(self._files()),
+                "validation_fraction": self.validation_fraction,
+                "validation": "documents whose sha256(id) falls below the fraction"}
+
+    def _split_generators(self, dl_manager):
+        files = self._files()
+        return {split: self._generate_examples(files, split == "validation") for split in ("train", "validation")}
+
+    def _generate_examples(self, files, validation):
+        count = 0
+        for path in files:
+            for row, raw in self._rows(path, validation):
+                count += 1
+                yield f"{path.name}:{row}", _example(raw, f"{path}:{row}")
+        if count == 0:
+            raise DataError(f"{files[0].parent}: no {'validation' if validation else 'training'} documents "
+                            f"(validation_fraction={self.validation_fraction}, {len(files)} file(s))")
+
+    def _rows(self, path: Path, validation: bool) -> Iterator[tuple[int, bytes]]:
+        """(row, UTF-8 bytes) of the non-empty texts of one split in one file, in file order."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            f = pq.ParquetFile(path)
+            names = f.schema_arrow.names
+            if "text" not in names:
+                raise DataError(f"{path}: no column 'text' (has: {', '.join(names)})")
+            start = 0
+            for group in range(f.num_row_groups):
+                n = f.metadata.row_group(group).num_rows
+                ids = f.read_row_group(group, columns=["id"]).column("id").to_pylist() if "id" in names else [None] * n
+                wanted = [in_validation(str(i) if i is not None else f"{path.name}:{start + k}",
+                                        self.validation_fraction) == validation for k, i in enumerate(ids)]
+                if any(wanted):
+                    row = start
+                    for batch in f.iter_batches(batch_size=self.BATCH_ROWS, row_groups=[group], columns=["text"]):
+                        texts = batch.column(0)
+                        # Read as bytes: invalid UTF-8 is replaced (and counted) by _example, not refused here.
+                        if pa.types.is_large_string(texts.type):
+                            texts = texts.view(pa.large_binary())
+                        elif pa.types.is_string(texts.type):
+                            texts = texts.view(pa.binary())
+                        for raw in texts.to_pylist():
+                            if wanted[row - start] and raw:
+                                yield row, raw
+                            row += 1
+                start += n
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from e
+
+
 class TextFiles(_Builder, skip_registration=True):
     """Local .txt files (one document each) and .jsonl files (one document per line, field `field`)."""
 
@@ -397,8 +499,9 @@ class TextFiles(_Builder, skip_registration=True):
 
 
 SOURCES = {"tiny_shakespeare": TinyShakespeare, "openwebtext": OpenWebText, "webtext": WebText,
-           "text_files": TextFiles}
+           "fineweb_edu": FinewebEdu, "text_files": TextFiles}
 OPTIONS = {"tiny_shakespeare": (), "webtext": (), "openwebtext": ("validation_fraction",),
+           "fineweb_edu": ("validation_fraction",),
            "text_files": ("files", "field", "validation_files", "validation_fraction")}
 
 
@@ -440,8 +543,8 @@ def build(dataset: str, *, cache_dir: Path, manual_root: Path | None, **options)
     if not builder.is_prepared():
         missing, urls = builder.required_files()
         offline = os.environ.get(OFFLINE_ENV, "") not in ("", "0")
-        if missing and (offline or not all(_reachable(u) for u in urls)):
-            raise _missing_files_error(dataset, missing, urls, manual_root)
+        if missing and (builder.manual_only or offline or not all(_reachable(u) for u in urls)):
+            raise builder.missing_error(missing, urls, manual_root)
         _download_and_prepare(builder, manual)
     return builder, "text", {"dataset": dataset, **builder.description()}
 
