@@ -338,6 +338,106 @@ def test_excluded_tokens_leave_the_argmax_to_the_rest(hf_dir, scorer):
     assert sum(int(hit[::2].sum()) for _, hit in masked) == kept > 0
 
 
+# --- HellaSwag -------------------------------------------------------------------------------------
+
+# Hand-made items in hellaswag_val.jsonl's schema: endings of different token and byte lengths
+# (one with non-ASCII text, one that is empty), and a context longer than N_CTX, cut from the left.
+HELLASWAG_ITEMS = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "source_id": "x"},
+    {"ctx": "[header] How to make a café au lait [title] Brew the coffee. [step] Use a strong roast.",
+     "endings": ["Pour it into a cup and add the steamed milk — naïvely, or with care.", "Walk.",
+                 "Then the dog barks at the mailman for quite a while, every single day of the week.", ""],
+     "label": "0"},
+    {"ctx": " ".join(["The crowd cheers as the runners line up at the start of the race."] * 12),
+     "endings": ["The gun fires and they sprint away.", "A cat sleeps.", "They sit down to eat soup together quietly.",
+                 "Nothing"], "label": 1},
+    {"ctx": "Two women are seen standing on a stage holding violins. They",
+     "endings": ["begin playing.", "play the violins while the audience watches and claps along happily.",
+                 "put the violins down and leave the stage.", "eat"], "label": 2},
+]
+
+
+def hf_hellaswag(hf, items):
+    """Independent HellaSwag log-likelihoods with HF transformers: per item and ending, the summed
+    log-softmax of the ending's tokens after the context, the row's last N_CTX + 1 tokens kept."""
+    enc = get_tokenizer()
+    out = []
+    for item in items:
+        ctx = enc.encode_ordinary(item["ctx"])
+        sums, counts = [], []
+        for ending in item["endings"]:
+            end = enc.encode_ordinary(" " + ending)
+            row = np.array(ctx + end)[-(N_CTX + 1):]
+            logp = torch.log_softmax(torch.as_tensor(hf_logits(hf, row[None, :-1])[0], dtype=torch.float64), -1).numpy()
+            sums.append(sum(logp[len(row) - 1 - len(end) + j, t] for j, t in enumerate(end)))
+            counts.append(len(end))
+        out.append((np.array(sums), np.array(counts)))
+    return out
+
+
+def test_hellaswag_equals_an_independent_hf_computation(hf_dir, scorer, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    items = tasks.read_hellaswag(path)
+    assert [i.label for i in items] == [3, 0, 1, 2] and len(get_tokenizer().encode_ordinary(items[2].ctx)) > N_CTX
+    ours = tasks.hellaswag_loglikelihoods(scorer, items)
+    theirs = hf_hellaswag(GPT2LMHeadModel.from_pretrained(hf_dir).eval(), HELLASWAG_ITEMS)
+    for (lp, n), (hf_lp, hf_n) in zip(ours, theirs):
+        np.testing.assert_array_equal(n, hf_n)
+        np.testing.assert_allclose(lp, hf_lp, rtol=1e-6, atol=0)
+    # Each accuracy is its rule applied to HF's log-likelihoods.
+    rules = {"acc_sum": lambda lp, n, e: lp, "acc_per_token": lambda lp, n, e: lp / n,
+             "acc_per_byte": lambda lp, n, e: lp / np.array([max(1, len(x.encode())) for x in e])}
+    result = tasks.TASKS["hellaswag"].run(scorer, Options(tmp_path, split="test"))
+    for rule, fn in rules.items():
+        hits = [int(np.argmax(fn(lp, n, x["endings"]))) == int(x["label"]) for (lp, n), x in zip(theirs, HELLASWAG_ITEMS)]
+        assert result["metrics"][rule] == 100.0 * sum(hits) / len(hits), rule
+    assert result["counts"] == {"items": 4, "endings": 16} and result["data"]["split"] == "validation"
+    # The rules disagree on these items, or the test could not tell them apart.
+    picks = {rule: [int(np.argmax(fn(lp, n, x["endings"]))) for (lp, n), x in zip(theirs, HELLASWAG_ITEMS)]
+             for rule, fn in rules.items()}
+    assert len({tuple(p) for p in picks.values()}) == 3, picks
+
+
+def test_hellaswag_reference_stands_beside_the_per_token_variant(hf_dir, tmp_path, monkeypatch):
+    """For the small size the table shows the published figures of OpenAI's 124M weights beside
+    acc_sum and acc_per_token (0.2859, 0.2955), with their source under the table."""
+    from gpt2_jax.eval import report as report_mod
+
+    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    monkeypatch.setattr(report_mod, "paper_size", lambda cfg: "small")  # the tiny model stands in for small
+    rep = report_mod.evaluate(*convert.load_hf(hf_dir), ["hellaswag"], Options(tmp_path))
+    assert rep["tasks"]["hellaswag"]["paper"] == {"acc_sum": 28.59, "acc_per_token": 29.55}
+    table = render_table(rep, compare_paper=True, markdown=True)
+    value = rep["tasks"]["hellaswag"]["metrics"]["acc_per_token"]
+    assert f"| hellaswag | acc_per_token | {_fmt(value)} | - | 29.55 |" in table
+    assert "| hellaswag | acc_per_byte |" in table and "29.55% for the 124M model" in table
+    monkeypatch.setattr(report_mod, "paper_size", lambda cfg: "medium")  # no published figure for 345M
+    assert report_mod.evaluate(*convert.load_hf(hf_dir), ["hellaswag"], Options(tmp_path, limit=1))["tasks"]["hellaswag"]["paper"] == {}
+
+
+@pytest.mark.parametrize("record, msg", [
+    ({"ctx": "A man.", "endings": ["a", "b"], "label": 2}, '"label" must be the index of the right ending (0-1), got 2'),
+    ({"ctx": "A man.", "endings": ["a", "b"], "label": ""}, "got '' (the test set's labels are not public"),
+    ({"ctx": "A man.", "endings": "a b", "label": 0}, 'an item needs "ctx" (a string) and "endings" (a list of strings)'),
+])
+def test_hellaswag_bad_items_are_one_line(hf_dir, tmp_path, capsys, record, msg):
+    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(HELLASWAG_ITEMS[0]) + "\n" + json.dumps(record) + "\n")
+    rc = cli.main(["--model", str(hf_dir), "--task", "hellaswag", "--data-dir", str(tmp_path), "--output", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"error: hellaswag: {path}:2: " in err and msg in err
+
+
 def test_sharded_scoring_equals_one_device(hf_dir):
     cfg, params = convert.load_hf(hf_dir)
     rng = np.random.default_rng(0)
@@ -395,6 +495,8 @@ def data_dir(tmp_path_factory, shared_data):
     (d / "lm1b" / "news.en.heldout-00000-of-00050").write_text(
         "The company said it expects the deal to close in the third quarter .\n"
         "\" We are very pleased , \" he said .\nShares fell 3 % to $ 12.50 in early trading .\n")
+    (d / "hellaswag").mkdir()
+    (d / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
     (d / "text8").mkdir()
     (d / "text8" / "text8").write_text(" anarchism originated as a term of abuse first used against early working class radicals" * 60)
     return d
@@ -403,7 +505,7 @@ def data_dir(tmp_path_factory, shared_data):
 def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     ckpt = weights.save_params(tmp_path / "ckpt", *convert.load_hf(hf_dir))  # the gpt2_jax checkpoint path
     out = tmp_path / "report.json"
-    rc = cli.main(["--model", str(ckpt), "--task", "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b",
+    rc = cli.main(["--model", str(ckpt), "--task", "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b,hellaswag",
                    "--data-dir", str(data_dir), "--split", "valid", "--limit", "12", "--compare", "paper",
                    "--markdown", "--output", str(out)])
     captured = capsys.readouterr()
@@ -415,7 +517,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     t = report["tasks"]
     expected = {"webtext": "ppl_byte", "wikitext2": "ppl_word", "wikitext103": "ppl_word", "ptb": "ppl_word",
                 "lambada": "acc_last_token", "cbt-cn": "acc", "cbt-ne": "acc", "enwik8": "bits_per_byte", "text8": "bits_per_char",
-                "lm1b": "ppl_word"}
+                "lm1b": "ppl_word", "hellaswag": "acc_per_token"}
     for task, metric in expected.items():
         assert math.isfinite(t[task]["metrics"][metric]), task
         assert t[task]["protocol"] and len(t[task]["data"]["sha256"]) == 64
@@ -436,7 +538,7 @@ def test_every_task_end_to_end(hf_dir, data_dir, tmp_path, capsys):
     assert report["protocol"]["stride"] == N_CTX // 2 and report["protocol"]["windows"] == "overlapping"
     # Every perplexity (and bits) row shows the stride it was scored with, as does the JSON.
     for task, result in t.items():
-        want = {"lambada": N_CTX, "cbt-cn": None, "cbt-ne": None}.get(task, N_CTX // 2)
+        want = {"lambada": N_CTX, "cbt-cn": None, "cbt-ne": None, "hellaswag": None}.get(task, N_CTX // 2)
         assert result.get("stride") == want, task
         for metric in result["metrics"]:
             shown = str(want) if metric.startswith(("ppl", "bits")) else "-"
@@ -568,7 +670,7 @@ def test_make_train_then_make_eval_every_task(data_dir, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "eval.json"
-    all_tasks = "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b"
+    all_tasks = "webtext,wikitext2,wikitext103,ptb,lambada,cbt-cn,cbt-ne,enwik8,text8,lm1b,hellaswag"
     proc = subprocess.run(["make", "-s", "eval", f"MODEL={run}", f"TASKS={all_tasks}", "SPLIT=valid",
                            f"EVAL_ARGS=--limit 4 --compare paper --output {out}"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)

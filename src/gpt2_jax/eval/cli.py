@@ -84,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
                         help=f"directory with one folder per data set (default ${DATA_DIR_ENV})")
     parser.add_argument("--split", default="test", choices=SPLITS,
-                        help="data split (default test, as in the paper; LAMBADA and lm1b always use test)")
+                        help="data split (default test, as in the paper; LAMBADA and lm1b always use test, "
+                             "HellaSwag its validation set)")
     parser.add_argument("--stride", default=None,
                         help="sliding-window stride for long texts: tokens, 'half' (the default: each window "
                              "after the first re-reads half the context) or 'n_ctx' (non-overlapping windows)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="rows per batch over all devices (rounded up to a multiple of the device count)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="only the first N documents / examples (webtext, lambada, cbt, lm1b), lines "
+                        help="only the first N documents / examples (webtext, lambada, cbt, lm1b, hellaswag), lines "
                              "(wikitext, ptb) or bytes of the split (enwik8, text8), for quick runs")
     parser.add_argument("--dataset", default=None,
                         help="webtext task: score the validation split of this prepared data set "

@@ -101,7 +101,7 @@ def evaluate(
         result["protocol"] = task.protocol
         if task.footnote:
             result["footnote"] = task.footnote
-        result["paper"] = {metric: figures[size] for metric, figures in task.paper.items()} if size else {}
+        result["paper"] = {metric: figures[size] for metric, figures in task.paper.items() if size in figures}
         result["seconds"] = seconds
         result["tokens_per_second"] = (scorer.tokens_scored - before) / seconds if seconds else None
         report["tasks"][name] = result

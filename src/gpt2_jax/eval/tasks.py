@@ -122,7 +122,9 @@ class EvalTask:
     data: DataFile  # the file it reads, `{split}` standing for the split
     runner: Callable[[EvalTask, Scorer, Options], dict[str, Any]]  # the protocol's code
     protocol: str  # the protocol in words, copied into every report
-    paper: dict[str, dict[str, float]]  # metric -> released size -> the paper's Table 3 figure
+    # metric -> released size -> the paper's Table 3 figure (for a task the paper lacks, the published
+    # figure of OpenAI's weights that the footnote names; only the sizes it gives)
+    paper: dict[str, dict[str, float]]
     # SHA-256 of the released files we have checked (the copies in ../shared/data, see its README),
     # by relpath; a report marks whether its data file is one of them (None: no hash on record).
     released_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -571,6 +573,93 @@ def _eval_lm1b(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+HELLASWAG_PROTOCOL = (
+    "HellaSwag (Zellers et al. 2019). Protocol: the 10,042 validation items of hellaswag_val.jsonl in its"
+    " original schema (ctx, endings, label), as the published GPT-2 reproductions score them: each of the"
+    ' 4 endings is a continuation of the context, BPE(ctx) + BPE(" " + ending), with no <|endoftext|> '
+    "prefix, the context cut from the left where the row would not fit n_ctx; the ending's log-"
+    "probability is summed over its tokens. The prediction is the ending with the highest score, by one"
+    " of three rules: acc_sum, the summed log-probability (lm-evaluation-harness's acc); acc_per_byte, the"
+    " sum divided by the ending's length in UTF-8 bytes without its leading space (lm-evaluation-harness's"
+    " acc_bytes; its acc_norm divides by characters, which differ only where an ending holds non-ASCII "
+    "text); acc_per_token, the mean log-probability per token of the ending (the acc_norm of llm.c and "
+    "of the 'Let's reproduce GPT-2 (124M)' lecture code). lm-evaluation-harness's own hellaswag task "
+    "scores a preprocessed text (activity label prefixed, bracketed WikiHow artifacts removed), so its "
+    "figures are not these."
+)
+HELLASWAG_FOOTNOTE = (
+    "hellaswag: HellaSwag postdates the GPT-2 paper. Beside acc_sum and acc_per_token stand the figures"
+    " published for OpenAI's released weights under this protocol on all 10,042 validation items: "
+    "28.59% and 29.55% for the 124M model, 38.42% and 48.93% for the 1558M one (karpathy/build-nanogpt "
+    "and karpathy/llm.c, hellaswag.py, where they are called acc and acc_norm). The same source gives "
+    "lm-evaluation-harness's figures on its preprocessed text: acc 28.92%, acc_norm 31.14% (124M)."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HellaSwagItem:
+    ctx: str
+    endings: tuple[str, ...]
+    label: int
+
+
+def read_hellaswag(path: Path, limit: int | None = None) -> list[HellaSwagItem]:
+    """The items of a HellaSwag jsonl file in its original schema (`ctx`, `endings`, `label`)."""
+    items = []
+    for where, record in jsonl.read_objects(path, EvalError, "data file"):
+        if limit is not None and len(items) >= limit:
+            break
+        ctx, endings, label = record.get("ctx"), record.get("endings"), record.get("label")
+        if not isinstance(ctx, str) or not (isinstance(endings, list) and endings and all(isinstance(e, str) for e in endings)):
+            raise EvalError(f'hellaswag: {where}: an item needs "ctx" (a string) and "endings" (a list of strings)')
+        if isinstance(label, str) and label.isdigit():
+            label = int(label)
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+            raise EvalError(f'hellaswag: {where}: "label" must be the index of the right ending (0-{len(endings) - 1}), '
+                            f"got {label!r} (the test set's labels are not public: use hellaswag_val.jsonl)")
+        items.append(HellaSwagItem(ctx, tuple(endings), label))
+    if not items:
+        raise EvalError(f"hellaswag: {path} holds no items")
+    return items
+
+
+def hellaswag_loglikelihoods(scorer: Scorer, items: list[HellaSwagItem], *, desc: str = "hellaswag"
+                             ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per item, (summed log-probability of each ending given the context, its number of tokens)."""
+    seqs, firsts = [], []
+    for item in items:
+        ctx = _encode(item.ctx) or [EOT_ID]  # an empty context is conditioned on <|endoftext|>
+        for ending in item.endings:
+            seqs.append(np.array(ctx + _encode(" " + ending), np.int32))
+            firsts.append(len(ctx))
+    scored = iter(scorer.score_sequences(seqs, firsts, stride=scorer.n_ctx, desc=desc))
+    out = []
+    for item in items:
+        logps = [lp for lp, _ in (next(scored) for _ in item.endings)]
+        out.append((np.array([float(lp.sum()) for lp in logps]), np.array([len(lp) for lp in logps])))
+    return out
+
+
+def score_hellaswag(scorer: Scorer, items: list[HellaSwagItem], *, desc: str = "hellaswag") -> dict[str, Any]:
+    """The three HellaSwag accuracies of `HELLASWAG_PROTOCOL` (in %)."""
+    correct = {"acc_sum": 0, "acc_per_byte": 0, "acc_per_token": 0}
+    for item, (total, n_tokens) in zip(items, hellaswag_loglikelihoods(scorer, items, desc=desc)):
+        n_bytes = np.array([max(1, len(e.encode("utf-8"))) for e in item.endings])
+        for rule, score in (("acc_sum", total), ("acc_per_byte", total / n_bytes), ("acc_per_token", total / n_tokens)):
+            correct[rule] += int(np.argmax(score)) == item.label
+    n = len(items)
+    return {"metrics": {rule: 100.0 * c / n for rule, c in correct.items()},
+            "counts": {"items": n, "endings": sum(len(item.endings) for item in items)}}
+
+
+def _eval_hellaswag(task: EvalTask, scorer: Scorer, opts: Options) -> dict[str, Any]:
+    path = task.resolve(opts)  # the validation set whatever the split (the test set has no labels)
+    out = score_hellaswag(scorer, read_hellaswag(path, opts.limit))
+    out["data"] = {"file": str(path), "split": "validation"}
+    return out
+
+
 def _table3(small: float, medium: float, large: float, xl: float) -> dict[str, float]:
     return {"small": small, "medium": medium, "large": large, "xl": xl}
 
@@ -654,6 +743,15 @@ TASKS: dict[str, EvalTask] = {task.name: task for task in (
         "lm1b",
         DataFile(f"lm1b/{_LM1B_TEST}", _LM1B, f"extract {_LM1B_HELDOUT}/{_LM1B_TEST}"),
         _eval_lm1b, LM1B_PROTOCOL, paper={"ppl_word": _table3(75.20, 55.72, 44.575, 42.16)},
+    ),
+    EvalTask(
+        "hellaswag",  # the validation set: the test set's labels are not public
+        DataFile("hellaswag/hellaswag_val.jsonl",
+                 "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl", "save it"),
+        _eval_hellaswag, HELLASWAG_PROTOCOL,
+        # Not the paper's (HellaSwag came later): the published reproductions' (HELLASWAG_FOOTNOTE).
+        paper={"acc_sum": {"small": 28.59, "xl": 38.42}, "acc_per_token": {"small": 29.55, "xl": 48.93}},
+        footnote=HELLASWAG_FOOTNOTE,
     ),
 )}
 
