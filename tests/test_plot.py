@@ -30,6 +30,7 @@ def test_cli_writes_png(tmp_path):
     assert proc.returncode == 0, proc.stderr
     png = (tmp_path / "run" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert int.from_bytes(png[16:20], "big") == 1500  # three panels: no HellaSwag records
     assert "1 unreadable lines skipped" in proc.stdout
 
 
@@ -42,3 +43,12 @@ def test_cli_one_line_errors(tmp_path, content):
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_hellaswag_is_a_third_panel(tmp_path):
+    _write_run(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write("\n" + "".join(json.dumps({"step": s, "hellaswag_acc_sum": 25 + s / 10, "hellaswag_acc_per_byte": 26.0,
+                                            "hellaswag_acc_per_token": 24 + s / 5}) + "\n" for s in (10, 20)))
+    png = plot.plot_run(tmp_path / "run").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 2000  # loss, learning rate, HellaSwag, throughput

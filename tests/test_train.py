@@ -153,3 +153,69 @@ def test_help_lists_the_model_keys_and_attention(capsys):
         train_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "attention ('auto')" in out and "auto, xla, cudnn, splash" in out and "remat_policy ('none')" in out
+
+
+def _tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from a run's TensorBoard event files (records: length, crc, Event, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted((run / "tensorboard").iterdir()):
+        raw, i = path.read_bytes(), 0
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            i += 16 + n
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def test_hellaswag_during_training(tmp_path, shared_data, monkeypatch, capsys):
+    """hellaswag_every= scores the current weights on the training placement (FSDP over 8 devices)
+    into metrics.jsonl and TensorBoard, the figures those of the eval task on the saved weights,
+    and `python -m gpt2_jax.plot` draws them as a third panel."""
+    import numpy as np
+
+    from gpt2_jax import plot, weights
+    from gpt2_jax.eval import Scorer, tasks
+    from test_eval import HELLASWAG_ITEMS
+
+    data = tmp_path / "data"
+    (data / "hellaswag").mkdir(parents=True)
+    (data / "tiny_shakespeare").symlink_to(shared_data / "tiny_shakespeare")
+    (data / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    monkeypatch.setenv("GPT2_JAX_DATA_DIR", str(data))
+    monkeypatch.setenv("GPT2_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["tiny", *TINY_RUN, "steps=4", "eval_every=0", "hellaswag_every=2", "hellaswag_limit=3", f"run_dir={run}"]
+    assert train_main(args) == 0, capsys.readouterr().err
+    assert "step      2 | hellaswag (3 items) acc_sum" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "hellaswag_acc_per_token" in r}
+    assert sorted(scored) == [2, 4]
+    tb = _tensorboard_scalars(run)
+    for key in ("hellaswag_acc_sum", "hellaswag_acc_per_byte", "hellaswag_acc_per_token"):
+        assert tb[key] == pytest.approx({s: r[key] for s, r in scored.items()})
+    # The end of the run equals the eval task on the final checkpoint (one device, its own placement).
+    cfg, params = weights.load(run / "checkpoints" / "4")
+    items = tasks.read_hellaswag(data / "hellaswag" / "hellaswag_val.jsonl", 3)
+    import jax
+
+    want = tasks.score_hellaswag(Scorer(cfg, params, devices=jax.devices()[:1]), items)["metrics"]
+    assert {k: scored[4][f"hellaswag_{k}"] for k in want} == want
+    assert json.loads((run / "final.json").read_text())["hellaswag_acc_per_token"] == want["acc_per_token"]
+    # Four panels (loss, learning rate, HellaSwag, throughput) at 5 x 100 pixels each.
+    png = plot.plot_run(run).read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 2000
+    assert np.isfinite(list(want.values())).all()
+
+
+def test_hellaswag_every_without_the_file_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPT2_JAX_DATA_DIR", str(tmp_path))
+    assert train_main(["tiny", "hellaswag_every=10", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: hellaswag_every=10: hellaswag: data file {tmp_path}/hellaswag/hellaswag_val.jsonl not found; download ")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()

@@ -89,11 +89,11 @@ TRAIN_ARGS = [
 ]
 
 
-def _train_two_processes(run_dir: Path, env: dict) -> str:
+def _train_two_processes(run_dir: Path, env: dict, *extra: str) -> str:
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "gpt2_jax.train", *TRAIN_ARGS, f"run_dir={run_dir}",
+            [sys.executable, "-m", "gpt2_jax.train", *TRAIN_ARGS, *extra, f"run_dir={run_dir}",
              "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
@@ -136,6 +136,37 @@ def test_two_processes_resume_exactly(tmp_path, shared_data):
     got = weights.load(ckpts / "6")[1]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_two_processes_score_hellaswag(tmp_path, shared_data):
+    """hellaswag_every= on a mesh over two processes: each passes the same items and reads every
+    result; the figures are those of the eval task on the run's final weights in one process."""
+    import jax
+
+    from gpt2_jax import weights
+    from gpt2_jax.eval import Scorer, tasks
+    from test_eval import HELLASWAG_ITEMS
+
+    data = tmp_path / "data"
+    (data / "hellaswag").mkdir(parents=True)
+    (data / "tiny_shakespeare").symlink_to(shared_data / "tiny_shakespeare")
+    (data / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", GPT2_JAX_DATA_DIR=str(data), GPT2_JAX_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    run_dir = tmp_path / "run"
+    out = _train_two_processes(run_dir, env, "hellaswag_every=3")
+    assert "hellaswag (4 items)" in out
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "hellaswag_acc_sum" in r}
+    assert sorted(scored) == [3, 6]
+    cfg, params = weights.load(run_dir / "checkpoints" / "6")
+    items = tasks.read_hellaswag(data / "hellaswag" / "hellaswag_val.jsonl")
+    want = tasks.score_hellaswag(Scorer(cfg, params, devices=jax.devices()[:1]), items)["metrics"]
+    assert {k: scored[6][f"hellaswag_{k}"] for k in want} == want
 
 
 if __name__ == "__main__":

@@ -273,6 +273,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def result_sharding(mesh: Mesh) -> NamedSharding:
+    """Where per-row results that every process reads go: split like the batch on a mesh of this
+    process's devices; replicated on a mesh over several processes (a multi-host run's), where each
+    process could not read the rows another holds."""
+    if len({d.process_index for d in mesh.devices.flat}) > 1:
+        return NamedSharding(mesh, P())
+    return batch_sharding(mesh)
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 

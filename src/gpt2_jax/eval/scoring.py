@@ -100,9 +100,17 @@ class Scorer:
         n = sharding.data_parallel_size(self.placement.mesh)
         self.batch_size = -(-max(1, batch_size) // n) * n
         self._rows = sharding.batch_sharding(self.placement.mesh)
+        # On a mesh over several processes (a multi-host training run's) every process passes the same
+        # rows and reads every result.
+        self._results = sharding.result_sharding(self.placement.mesh)
         self.params = self.placement.place(abstract_params(config), params)
         self._fns: dict[int, Any] = {}
         self.tokens_scored = 0
+
+    def use_params(self, params: Any) -> None:
+        """Score with `params` from now on (a training run's current weights), placed like the first
+        ones; the compiled functions are kept."""
+        self.params = self.placement.place(abstract_params(self.config), params)
 
     @property
     def mesh(self):
@@ -123,7 +131,7 @@ class Scorer:
             self._fns[K, exclude] = self.placement.jit(
                 functools.partial(_score_batch, GPT2(self.config), K, excluded_V),
                 in_shardings=(self.placement.param_shardings(abstract_params(self.config)), self._rows, self._rows),
-                out_shardings=(self._rows, self._rows),
+                out_shardings=(self._results, self._results),
             )
         put = lambda a: jax.device_put(np.asarray(a, np.int32), self._rows)
         return self._fns[K, exclude](self.params, put(tokens_BL), put(n_B))

@@ -1,8 +1,9 @@
 """Training curves from a run's metrics.jsonl, as a PNG (`python -m gpt2_jax.plot RUN_DIR`).
 
-Panels: training and validation loss, learning rate, and throughput (tokens/s, plus MFU when the
-run measured it). Lines of metrics.jsonl that are not JSON objects with a `step` are skipped and
-counted, so a run killed mid-write still plots.
+Panels: training and validation loss, learning rate, HellaSwag accuracy when the run scored it
+(`hellaswag_every=`), and throughput (tokens/s, plus MFU when the run measured it). Lines of
+metrics.jsonl that are not JSON objects with a `step` are skipped and counted, so a run killed
+mid-write still plots.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 from gpt2_jax import files
 
 METRICS_FILE = "metrics.jsonl"
+# The training loop's HellaSwag records (gpt2_jax.eval's three rules, in %), with their legend labels.
+HELLASWAG_SERIES = (("hellaswag_acc_per_token", "per token"), ("hellaswag_acc_per_byte", "per byte"),
+                    ("hellaswag_acc_sum", "sum"))
 
 
 class PlotError(ValueError):
@@ -51,6 +55,18 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def _hellaswag_panel(ax, hellaswag) -> None:
+    from gpt2_jax.eval.tasks import TASKS  # the published figure's one home (imported only for such runs)
+
+    for label, (steps, values) in hellaswag:
+        ax.plot(steps, values, marker="o", label=label)
+    reference = TASKS["hellaswag"].paper["acc_per_token"]["small"]
+    ax.axhline(reference, linestyle="--", color="gray", label=f"GPT-2 124M, per token ({reference}%)")
+    ax.axhline(25.0, linestyle=":", color="silver", label="chance (25%)")
+    ax.set(title="HellaSwag accuracy (%)", xlabel="step")
+    ax.legend()
+
+
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Draw the run's curves to `out` (default RUN_DIR/curves.png), written atomically."""
     # matplotlib is imported only to draw: it adds about half a second to every import of this module.
@@ -61,7 +77,10 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     records, _ = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    hellaswag = [(label, _series(records, key)) for key, label in HELLASWAG_SERIES]
+    hellaswag = [(label, series) for label, series in hellaswag if series[0]]
+    n_panels = 4 if hellaswag else 3
+    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), constrained_layout=True)
     ax = axes[0]
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         steps, values = _series(records, key)
@@ -73,7 +92,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     axes[1].plot(steps, values)
     axes[1].set(title="learning rate", xlabel="step")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax = axes[2]
+    if hellaswag:
+        _hellaswag_panel(axes[2], hellaswag)
+    ax = axes[-1]
     steps, values = _series(records, "tokens_per_s")
     ax.plot(steps, values, label="tokens/s")
     ax.set(title="throughput", xlabel="step", ylabel="tokens/s")

@@ -1,4 +1,4 @@
-"""`python -m gpt2_jax.plot RUN_DIR`: a run's loss, learning rate and throughput curves as a PNG."""
+"""`python -m gpt2_jax.plot RUN_DIR`: a run's loss, learning rate, HellaSwag and throughput curves as a PNG."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gpt2_jax.plot import PlotError, plot_run, read_metrics
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2_jax.plot",
-        description="Plot training/validation loss, learning rate and throughput of a run to PNG.",
+        description="Plot training/validation loss, learning rate, HellaSwag accuracy (when scored) and throughput of a run to PNG.",
     )
     parser.add_argument("run_dir", help="run directory holding metrics.jsonl (written by gpt2_jax.train)")
     parser.add_argument("--out", help="output PNG path (default: RUN_DIR/curves.png)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ class TrainConfig:
     strategy: str = "fsdp"  # dp | fsdp | fsdp_tp
     eval_every: int = 100  # steps between validation losses (and at the end); 0 = only at the end
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    # HellaSwag accuracies (gpt2_jax.eval's hellaswag task, on $GPT2_JAX_DATA_DIR/hellaswag/hellaswag_val.jsonl)
+    # every hellaswag_every steps and at the end; 0 = never. hellaswag_limit: the first N items; 0 = all.
+    hellaswag_every: int = 0
+    hellaswag_limit: int = 0
     sample_every: int = 0  # steps between text samples; 0 = only at the end
     sample_tokens: int = 64
     sample_prompt: str = ""  # empty = start from <|endoftext|>
@@ -87,9 +92,10 @@ _PERIOD = Range(0, 1 << 40)
 TRAIN_RANGES = {
     "seq_len": Range(0, 1 << 20), "batch_size": Range(1, 1 << 24), "grad_accum": Range(0, 1 << 24), "steps": _COUNT,
     "device_memory_gib": Range(0.0, 1 << 20),
-    "lr": Range(0.0, 10.0), "warmup_steps": _PERIOD, "min_lr_ratio": Range(0.0, 1.0), "weight_decay": Range(0.0, 10.0),
+    "lr": Range(0.0, math.inf), "warmup_steps": _PERIOD, "min_lr_ratio": Range(0.0, 1.0), "weight_decay": Range(0.0, 10.0),
     "b1": PROBABILITY, "b2": PROBABILITY, "eps": Range(0.0, 1.0, low_open=True), "grad_clip": Range(0.0, 1e9),
     "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "sample_every": _PERIOD,
+    "hellaswag_every": _PERIOD, "hellaswag_limit": _PERIOD,
     "sample_tokens": Range(1, 1 << 20), "top_k": Range(1, 1 << 24), "log_every": _COUNT,
     "seed": Range(0, 2**32 - 1),  # jax.random keys take 32-bit seeds: a larger one would wrap silently
     "ckpt_every": _PERIOD, "ckpt_keep": Range(1, 1 << 20), "ckpt_keep_best": Range(0, 1 << 20),

@@ -19,6 +19,8 @@ from tqdm import tqdm
 from gpt2_jax import attention, checkpoint, costs, data, files, finetune, memory, sharding, step as step_lib, weights
 from gpt2_jax.config import ConfigError, ModelConfig, replace
 from gpt2_jax.data import DataError
+from gpt2_jax.eval import tasks as eval_tasks
+from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.generate import Generator, SamplingConfig
 from gpt2_jax.metrics import MetricsWriter
 from gpt2_jax.tokenizer import get_tokenizer
@@ -50,6 +52,21 @@ def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int) -> tuple[It
         )
     )
     return train, val
+
+
+def load_hellaswag(tcfg: TrainConfig) -> list[eval_tasks.HellaSwagItem]:
+    """The HellaSwag items `hellaswag_every=` scores (the first `hellaswag_limit`), read from the
+    data directory as `python -m gpt2_jax.eval --task hellaswag` reads them; none when it is off."""
+    if not tcfg.hellaswag_every:
+        return []
+    _, root = data.resolve_dirs()
+    task = eval_tasks.TASKS["hellaswag"]
+    if root is None:
+        raise ConfigError(f"hellaswag_every={tcfg.hellaswag_every} reads {task.data.relpath} under ${data.DATA_DIR_ENV}, which is not set")
+    try:
+        return eval_tasks.read_hellaswag(task.resolve(eval_tasks.Options(root)), tcfg.hellaswag_limit or None)
+    except eval_tasks.EvalError as e:
+        raise ConfigError(f"hellaswag_every={tcfg.hellaswag_every}: {e}") from None
 
 
 def model_config(tcfg: TrainConfig, mcfg: ModelConfig) -> tuple[ModelConfig, int, attention.Choice]:
@@ -175,10 +192,12 @@ class PeriodicWork:
     They share the run's metrics writer, console and `Progress`; each takes (finished steps, state).
     """
 
-    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write, resumed_from):
+    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write, resumed_from,
+                 hellaswag=()):
         self.tcfg, self.mcfg, self.place = tcfg, mcfg, place
         self.run_config, self.ckpt, self.guard, self.write = run_config, ckpt, guard, write
         self.eval_step, self.val_batches, self.train_batches = eval_step, val_batches, train_batches
+        self.hellaswag, self.scorer = list(hellaswag), None
         self.writer = MetricsWriter(run_dir, jax.process_index() == 0, resumed_from)
         self.progress = Progress()
 
@@ -188,6 +207,8 @@ class PeriodicWork:
         hooks = Hooks(before=before)
         hooks.add("preemption", self.check_preemption, every=1, at_end=False, reads_metrics=False)
         hooks.add("eval", self.validate, every=t.eval_every)
+        if self.hellaswag:
+            hooks.add("hellaswag", self.score_hellaswag, every=t.hellaswag_every)
         hooks.add("sample", self.sample, every=t.sample_every)
         hooks.add("save", self.save, every=t.ckpt_every, when=lambda: self.progress.stopping is not None)
         return hooks
@@ -208,6 +229,19 @@ class PeriodicWork:
         self.progress.final["val_loss"] = self.progress.val_at[done] = val_loss
         self.writer.write(done, {"val_loss": val_loss})
         self.write(f"step {done:>6} | val loss {val_loss:.4f}")
+
+    def score_hellaswag(self, done: int, state) -> None:
+        """HellaSwag's three accuracies (in %) of the current weights, scored on the training placement."""
+        if self.scorer is None:  # compiled once; later calls score the weights of their step
+            rows = self.tcfg.batch_size // max(1, self.tcfg.grad_accum)  # a micro-batch: known to fit
+            self.scorer = Scorer(self.mcfg, state.params, batch_size=rows, placement=self.place)
+        else:
+            self.scorer.use_params(state.params)
+        result = eval_tasks.score_hellaswag(self.scorer, self.hellaswag)
+        metrics = {f"hellaswag_{k}": v for k, v in result["metrics"].items()}
+        self.progress.final.update(metrics)
+        self.writer.write(done, metrics)
+        self.write(f"step {done:>6} | hellaswag ({len(self.hellaswag)} items) " + " | ".join(f"{k} {v:.2f}%" for k, v in result["metrics"].items()))
 
     def sample(self, done: int, state) -> None:
         text = self.progress.final["sample"] = sample_text(self.mcfg, state.params, self.place, self.tcfg, self.tcfg.seed + done)
@@ -238,6 +272,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print, dr
     stop once the step is planned and compiled (nothing allocated, nothing written) and print the plan."""
     say = echo if jax.process_index() == 0 else (lambda *_: None)
     mcfg, seq_len, attn = model_config(tcfg, mcfg)
+    hellaswag = load_hellaswag(tcfg)  # a missing file stops the run before anything is compiled
     say(f"memory estimate: {preflight(tcfg, mcfg, seq_len)}")  # before anything is built or written
     plan = make_plan(tcfg, mcfg, seq_len)  # grad_accum and remat_policy resolved, the step compiled
     say(f"micro-batch: {plan.describe()}")
@@ -245,7 +280,7 @@ def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print, dr
         say(dry_run_report(plan))
         return {"dry_run": True, "grad_accum": plan.tcfg.grad_accum, "remat_policy": plan.mcfg.remat_policy, "bytes": plan.bytes}
     with run_directory(run_dir, say):
-        return _train(plan, attn, run_dir, say)
+        return _train(plan, attn, run_dir, say, hellaswag)
 
 
 def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Estimate:
@@ -269,7 +304,7 @@ def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Esti
 LOWER_TRAIN_MEMORY = "lower batch_size= or raise grad_accum=, set remat_policy=full, or spread the model over more devices (mesh=, strategy=)"
 
 
-def _train(plan: Plan, attn, run_dir: Path, say) -> dict[str, Any]:
+def _train(plan: Plan, attn, run_dir: Path, say, hellaswag) -> dict[str, Any]:
     main_process = jax.process_index() == 0
     tcfg, mcfg, seq_len, place, tx, abstract, shardings = plan.tcfg, plan.mcfg, plan.seq_len, plan.place, plan.tx, plan.abstract, plan.shardings
     micro = tcfg.batch_size // tcfg.grad_accum
@@ -302,7 +337,7 @@ def _train(plan: Plan, attn, run_dir: Path, say) -> dict[str, Any]:
         tcfg, mcfg, place, run_dir=run_dir, run_config=run_config, ckpt=ckpt, guard=guard,
         eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, shardings.params),
         val_batches=val_batches, train_batches=train_batches, write=bar.write if main_process else (lambda *_: None),
-        resumed_from=start_step,
+        resumed_from=start_step, hellaswag=hellaswag,
     )
     meter = Meter(
         work.metric_hooks(), bar, tokens_per_step=tcfg.batch_size * seq_len, flops_per_token=costs.flops_per_token(mcfg, seq_len),
