@@ -29,7 +29,7 @@ help:
 	@echo "make test-slow run the end-to-end tests marked slow (CI runs both)"
 	@echo "make install-test  only install the test dependencies (CPU torch, transformers, pytest, ...)"
 	@echo "make prepare  tokenize DATASET=tiny_shakespeare|openwebtext|webtext|fineweb_edu|text_files|tfds:NAME (DATA_ARGS=\"--files ...\")"
-	@echo "make train     train SIZE=tiny|small|medium|large|xl (experiments/SIZE.py), ARGS=\"key=value ...\""
+	@echo "make train     train SIZE=tiny|small|small_fineweb|medium|large|xl (experiments/SIZE.py), ARGS=\"key=value ...\""
 	@echo "make eval     evaluate MODEL=dir on TASKS=lambada,wikitext2,... (SPLIT=test|valid, EVAL_ARGS=...)"
 	@echo "make paper-table  the GPT-2 paper's Table 3 tasks for MODEL=dir, with the paper's figures beside (--stride half; EVAL_ARGS=\"--stride n_ctx\")"
 	@echo "make sample   generate text from MODEL=dir (default random tiny weights), PROMPT=..., GEN_ARGS=..."

@@ -31,6 +31,29 @@ def test_every_experiment_loads():
     assert tiny.dataset == "tiny_shakespeare"
 
 
+def test_small_fineweb_is_the_reproduction_settings():
+    """experiments/small_fineweb.py (`make train SIZE=small_fineweb`): the arithmetic of its docstring."""
+    from gpt2_jax import optim
+
+    path = train.find_experiment("small_fineweb")
+    tcfg, mcfg = train.resolve_config(train.load_experiment(path))
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    assert (tcfg.size, tcfg.dataset, mcfg.n_params) == ("small", "fineweb_edu", 124_439_808 + 47 * 768)  # 50,304 rows
+    assert tokens_per_step == 524_288 == 2**19 and tcfg.steps * tokens_per_step == 9_999_745_024
+    assert (tcfg.warmup_steps, tcfg.warmup_steps * tokens_per_step) == (715, 374_865_920)
+    assert (tcfg.lr, tcfg.min_lr_ratio, tcfg.weight_decay, tcfg.b1, tcfg.b2, tcfg.grad_clip) == (6e-4, 0.1, 0.1, 0.9, 0.95, 1.0)
+    schedule = optim.lr_schedule(tcfg.lr, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+    assert float(schedule(714)) == pytest.approx(6e-4) and float(schedule(tcfg.steps)) == pytest.approx(6e-5)
+    assert (tcfg.grad_accum, mcfg.remat_policy) == (0, "auto")  # both chosen from memory
+    assert (tcfg.eval_every, tcfg.hellaswag_every, tcfg.hellaswag_limit) == (250, 250, 0)
+    flops = costs.flops_per_token(mcfg, tcfg.seq_len)
+    assert flops == 855_166_464 and f"{flops * tcfg.steps * tokens_per_step:.3g}" == "8.55e+18"
+    assert round(flops * tcfg.steps * tokens_per_step / (0.4 * 989e12) / 3600, 1) == 6.0
+    doc = path.read_text()
+    for figure in ("524,288", "19,073", "9,999,745,024", "715", "374,865,920", "855,166,464", "8.55e18", "6.0 hours"):
+        assert figure in doc, figure
+
+
 def test_overrides_are_type_checked():
     tcfg, mcfg = train.resolve_config({"size": "small", "steps": "7", "lr": "3e-4", "n_layer": "2", "dropout": "0.1"})
     assert (tcfg.steps, tcfg.lr, mcfg.n_layer, mcfg.attn_pdrop) == (7, 3e-4, 2, 0.1)
