@@ -100,13 +100,14 @@ def test_command_line_code_lives_in_cli_modules():
 
 # Each heavy dependency has one home (../shared/STYLE.md): Orbax in checkpoint, TFDS and Grain in
 # the data package (pyarrow too: FineWeb-Edu's parquet files), tiktoken in tokenizer, torch only in
-# convert (to read pytorch_model.bin).
+# convert (to read pytorch_model.bin), lm-evaluation-harness only in the harness's adapter.
 HOMES = {
     "orbax": ("gpt2_jax.checkpoint",),
     "tensorflow_datasets": ("gpt2_jax.data",),
     "grain": ("gpt2_jax.data",),
     "pyarrow": ("gpt2_jax.data",),
     "tiktoken": ("gpt2_jax.tokenizer",),
+    "lm_eval": ("gpt2_jax.harness.adapter",),
     "torch": ("gpt2_jax.convert",),
     "transformers": (),
 }

@@ -43,6 +43,14 @@ def test_user_requirements_hold_no_test_only_package():
         assert not names & TEST_ONLY, f"setup.cfg {section} needs test-only packages {names & TEST_ONLY}"
 
 
+def test_harness_extra_is_lm_eval():
+    """`pip install -e ".[harness]"`: lm-evaluation-harness alone (the adapter needs nothing else),
+    and the test extra has it too, for tests/test_harness.py."""
+    extras = setup_cfg()["options.extras_require"]
+    assert [r.name for r in requirements(extras["harness"])] == ["lm-eval"]
+    assert "lm-eval" in {r.name for r in requirements(extras["test"])}
+
+
 def test_accelerator_extras_name_jax_extras():
     extras = setup_cfg()["options.extras_require"]
     assert set(ACCEL_EXTRAS) <= set(extras)

@@ -1,0 +1,3 @@
+from gpt2_jax.harness.cli import main
+
+raise SystemExit(main())
