@@ -76,9 +76,28 @@ COVERAGE = {
     "python -m gpt2_jax.train small run_dir=runs/s ckpt_every=1000 ckpt_keep=3 ckpt_keep_best=1": [
         "tests/test_checkpoint_resume.py::test_exact_resume_after_sigterm"],
     "python -m gpt2_jax.checkpoint ls runs/s": ["tests/test_checkpoint.py::test_ls_lists_steps_metrics_size_and_config"],
+    # Reproduce GPT-2 124M: the downloads are the released layouts the tests write themselves.
+    'hf download HuggingFaceFW/fineweb-edu --repo-type dataset --include "sample/10BT/*" --local-dir $GPT2_JAX_DATA_DIR/fineweb_edu': [
+        "tests/test_data.py::test_fineweb_edu_from_parquet_with_held_out_documents"],
+    "curl --create-dirs -o $GPT2_JAX_DATA_DIR/hellaswag/hellaswag_val.jsonl https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl": [
+        "tests/test_eval.py::test_hellaswag_equals_an_independent_hf_computation"],
+    "make prepare DATASET=fineweb_edu": ["tests/test_data.py::test_fineweb_edu_from_parquet_with_held_out_documents"],
+    'make train SIZE=small_fineweb ARGS="run_dir=runs/gpt2-124m"': [
+        "tests/test_train.py::test_small_fineweb_is_the_reproduction_settings", "tests/test_train.py::test_hellaswag_during_training"],
+    "python -m gpt2_jax.plot runs/gpt2-124m": ["tests/test_train.py::test_hellaswag_during_training",
+                                               "tests/test_plot.py::test_hellaswag_is_a_third_panel"],
+    "python -m gpt2_jax.eval --model runs/gpt2-124m --task hellaswag --compare paper": [
+        "tests/test_eval.py::test_hellaswag_reference_stands_beside_the_per_token_variant",
+        "tests/test_eval.py::test_every_task_end_to_end"],
+    "make paper-table MODEL=runs/gpt2-124m": ["tests/test_eval.py::test_full_bytes_split_and_paper_column"],
+    "python -m gpt2_jax.harness --model gpt2_jax --model_args model=runs/gpt2-124m --tasks hellaswag,arc_easy,piqa,winogrande": [
+        "tests/test_harness.py::test_lm_eval_command_line"],
+    'pip install -e ".[harness]"': ["tests/test_install.py::test_harness_extra_is_lm_eval"],
+    "python -m gpt2_jax.harness --model gpt2_jax --model_args model=runs/tiny-... --tasks hellaswag,lambada_openai --batch_size 16": [
+        "tests/test_harness.py::test_lm_eval_command_line", "tests/test_harness.py::test_every_figure_equals_lm_eval_hf_backend"],
 }
 
-ENTRY_POINTS = ["config", "convert", "data", "train", "eval", "generate", "checkpoint", "plot"]
+ENTRY_POINTS = ["config", "convert", "data", "train", "eval", "generate", "checkpoint", "plot", "harness"]
 
 
 def readme_commands() -> list[str]:
