@@ -1,5 +1,5 @@
-"""Helpers shared by tests: random HF GPT-2 models as the independent reference, and what a
-training run wrote."""
+"""Helpers shared by tests: random HF GPT-2 models as the independent reference, what a training
+run wrote, and hand-made HellaSwag items."""
 
 from __future__ import annotations
 
@@ -49,3 +49,32 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+# Hand-made items in hellaswag_val.jsonl's schema: endings of different token and byte lengths
+# (one with non-ASCII text, one that is empty), and a context of ~170 tokens, longer than the test
+# models' contexts (so cut from the left).
+HELLASWAG_ITEMS = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "source_id": "x"},
+    {"ctx": "[header] How to make a café au lait [title] Brew the coffee. [step] Use a strong roast.",
+     "endings": ["Pour it into a cup and add the steamed milk — naïvely, or with care.", "Walk.",
+                 "Then the dog barks at the mailman for quite a while, every single day of the week.", ""],
+     "label": "0"},
+    {"ctx": " ".join(["The crowd cheers as the runners line up at the start of the race."] * 12),
+     "endings": ["The gun fires and they sprint away.", "A cat sleeps.", "They sit down to eat soup together quietly.",
+                 "Nothing"], "label": 1},
+    {"ctx": "Two women are seen standing on a stage holding violins. They",
+     "endings": ["begin playing.", "play the violins while the audience watches and claps along happily.",
+                 "put the violins down and leave the stage.", "eat"], "label": 2},
+]
+
+
+def write_hellaswag(data_dir: Path, items=HELLASWAG_ITEMS) -> Path:
+    """`DATA_DIR/hellaswag/hellaswag_val.jsonl` holding `items`, as the eval task and training read it."""
+    path = Path(data_dir) / "hellaswag" / "hellaswag_val.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in items))
+    return path

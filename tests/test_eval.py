@@ -21,7 +21,7 @@ from gpt2_jax.eval import (
 from gpt2_jax.eval import cli, tasks
 from gpt2_jax.eval.report import _fmt, paper_size, params_sha256, render_table
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
-from helpers import hf_logits, random_hf_gpt2
+from helpers import HELLASWAG_ITEMS, hf_logits, random_hf_gpt2, write_hellaswag
 
 N_CTX = 128
 
@@ -340,26 +340,6 @@ def test_excluded_tokens_leave_the_argmax_to_the_rest(hf_dir, scorer):
 
 # --- HellaSwag -------------------------------------------------------------------------------------
 
-# Hand-made items in hellaswag_val.jsonl's schema: endings of different token and byte lengths
-# (one with non-ASCII text, one that is empty), and a context longer than N_CTX, cut from the left.
-HELLASWAG_ITEMS = [
-    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "source_id": "x"},
-    {"ctx": "[header] How to make a café au lait [title] Brew the coffee. [step] Use a strong roast.",
-     "endings": ["Pour it into a cup and add the steamed milk — naïvely, or with care.", "Walk.",
-                 "Then the dog barks at the mailman for quite a while, every single day of the week.", ""],
-     "label": "0"},
-    {"ctx": " ".join(["The crowd cheers as the runners line up at the start of the race."] * 12),
-     "endings": ["The gun fires and they sprint away.", "A cat sleeps.", "They sit down to eat soup together quietly.",
-                 "Nothing"], "label": 1},
-    {"ctx": "Two women are seen standing on a stage holding violins. They",
-     "endings": ["begin playing.", "play the violins while the audience watches and claps along happily.",
-                 "put the violins down and leave the stage.", "eat"], "label": 2},
-]
-
-
 def hf_hellaswag(hf, items):
     """Independent HellaSwag log-likelihoods with HF transformers: per item and ending, the summed
     log-softmax of the ending's tokens after the context, the row's last N_CTX + 1 tokens kept."""
@@ -381,9 +361,7 @@ def hf_hellaswag(hf, items):
 def test_hellaswag_equals_an_independent_hf_computation(hf_dir, scorer, tmp_path):
     from transformers import GPT2LMHeadModel
 
-    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
-    path.parent.mkdir()
-    path.write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    path = write_hellaswag(tmp_path)
     items = tasks.read_hellaswag(path)
     assert [i.label for i in items] == [3, 0, 1, 2] and len(get_tokenizer().encode_ordinary(items[2].ctx)) > N_CTX
     ours = tasks.hellaswag_loglikelihoods(scorer, items)
@@ -410,9 +388,7 @@ def test_hellaswag_reference_stands_beside_the_per_token_variant(hf_dir, tmp_pat
     acc_sum and acc_per_token (0.2859, 0.2955), with their source under the table."""
     from gpt2_jax.eval import report as report_mod
 
-    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
-    path.parent.mkdir()
-    path.write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    write_hellaswag(tmp_path)
     monkeypatch.setattr(report_mod, "paper_size", lambda cfg: "small")  # the tiny model stands in for small
     rep = report_mod.evaluate(*convert.load_hf(hf_dir), ["hellaswag"], Options(tmp_path))
     assert rep["tasks"]["hellaswag"]["paper"] == {"acc_sum": 28.59, "acc_per_token": 29.55}
@@ -430,9 +406,7 @@ def test_hellaswag_reference_stands_beside_the_per_token_variant(hf_dir, tmp_pat
     ({"ctx": "A man.", "endings": "a b", "label": 0}, 'an item needs "ctx" (a string) and "endings" (a list of strings)'),
 ])
 def test_hellaswag_bad_items_are_one_line(hf_dir, tmp_path, capsys, record, msg):
-    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
-    path.parent.mkdir()
-    path.write_text(json.dumps(HELLASWAG_ITEMS[0]) + "\n" + json.dumps(record) + "\n")
+    path = write_hellaswag(tmp_path, [HELLASWAG_ITEMS[0], record])
     rc = cli.main(["--model", str(hf_dir), "--task", "hellaswag", "--data-dir", str(tmp_path), "--output", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and f"error: hellaswag: {path}:2: " in err and msg in err
@@ -495,8 +469,7 @@ def data_dir(tmp_path_factory, shared_data):
     (d / "lm1b" / "news.en.heldout-00000-of-00050").write_text(
         "The company said it expects the deal to close in the third quarter .\n"
         "\" We are very pleased , \" he said .\nShares fell 3 % to $ 12.50 in early trading .\n")
-    (d / "hellaswag").mkdir()
-    (d / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
+    write_hellaswag(d)
     (d / "text8").mkdir()
     (d / "text8" / "text8").write_text(" anarchism originated as a term of abuse first used against early working class radicals" * 60)
     return d

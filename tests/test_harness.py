@@ -19,8 +19,7 @@ from lm_eval.tasks import TaskManager
 from gpt2_jax.eval import Scorer, tasks
 from gpt2_jax.harness.adapter import GPT2JaxLM
 from gpt2_jax.tokenizer import bpe_files_dir, get_tokenizer
-from helpers import random_hf_gpt2
-from test_eval import HELLASWAG_ITEMS
+from helpers import HELLASWAG_ITEMS, random_hf_gpt2
 
 N_CTX = 64  # short: the long context, the long document and the prompts cross it
 TASKS = ("gj_choice", "gj_rolling", "gj_generate")

@@ -204,12 +204,11 @@ def test_hellaswag_during_training(tmp_path, shared_data, monkeypatch, capsys):
 
     from gpt2_jax import plot, weights
     from gpt2_jax.eval import Scorer, tasks
-    from test_eval import HELLASWAG_ITEMS
+    from helpers import write_hellaswag
 
     data = tmp_path / "data"
-    (data / "hellaswag").mkdir(parents=True)
+    write_hellaswag(data)
     (data / "tiny_shakespeare").symlink_to(shared_data / "tiny_shakespeare")
-    (data / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
     monkeypatch.setenv("GPT2_JAX_DATA_DIR", str(data))
     monkeypatch.setenv("GPT2_JAX_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"

@@ -146,12 +146,11 @@ def test_two_processes_score_hellaswag(tmp_path, shared_data):
 
     from gpt2_jax import weights
     from gpt2_jax.eval import Scorer, tasks
-    from test_eval import HELLASWAG_ITEMS
+    from helpers import write_hellaswag
 
     data = tmp_path / "data"
-    (data / "hellaswag").mkdir(parents=True)
+    write_hellaswag(data)
     (data / "tiny_shakespeare").symlink_to(shared_data / "tiny_shakespeare")
-    (data / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in HELLASWAG_ITEMS))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
