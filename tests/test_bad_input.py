@@ -84,7 +84,7 @@ def test_config_cli_refuses_nonsense_at_once(tmp_path):
     [
         (["seed=-1"], "seed must be an integer in [0, 4294967295], got -1"),
         (["seed=4294967296"], "seed must be an integer in [0, 4294967295], got 4294967296"),
-        (["lr=nan"], "lr must be a finite number in [0, 10], got nan"),
+        (["lr=nan"], "lr must be a finite number in [0, inf], got nan"),
         (["b2=1"], "b2 must be a number in [0, 1), got 1.0"),
         (["steps=4", "steps=5"], "steps is given twice (steps=4 and steps=5); give it once"),
         (["steps=4.5"], "steps must be an integer, got 4.5"),

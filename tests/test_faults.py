@@ -99,10 +99,34 @@ def env(tmp_path_factory, shared_data):
             "JAX_PLATFORMS": "cpu"}
 
 
-def run(run_dir, env, *, fault: str | None = None, extra=(), preexec=None, wait=True):
-    cmd = [sys.executable, "-m", "gpt2_jax.train"] if fault is None else [sys.executable, "-c", KILL + FAULTS[fault] + MAIN]
+# Holds the run at step 5 until the file named by GPT2_JAX_TEST_RESUME exists (the run keeps its lock).
+PAUSE = """
+import os, sys, time
+from gpt2_jax.train import hooks
+push = hooks.Meter.push
+def pausing_push(self, step, metrics):
+    push(self, step, metrics)
+    if step == 4:
+        print("PAUSED", flush=True)
+        while not os.path.exists(os.environ["GPT2_JAX_TEST_RESUME"]):
+            time.sleep(0.1)
+hooks.Meter.push = pausing_push
+"""
+
+
+def _args(extra) -> list[str]:
+    """ARGS with `extra` key=value settings replacing those of the same key (a key may be given once)."""
+    settings = dict(a.split("=", 1) for a in ARGS[1:])
+    settings.update(a.split("=", 1) for a in extra)
+    return [ARGS[0]] + [f"{k}={v}" for k, v in settings.items()]
+
+
+def run(run_dir, env, *, fault: str | None = None, extra=(), preexec=None, wait=True, code=None):
+    if code is None:
+        code = None if fault is None else KILL + FAULTS[fault] + MAIN
+    cmd = [sys.executable, "-m", "gpt2_jax.train"] if code is None else [sys.executable, "-c", code]
     proc = subprocess.Popen(
-        cmd + ARGS + [*extra, f"run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd + _args(extra) + [f"run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env, preexec_fn=preexec,
     )
     if not wait:
@@ -185,14 +209,16 @@ def test_full_disk_reports_one_line_per_failed_save_then_recovers(tmp_path, env,
 
 
 def test_two_concurrent_starts(tmp_path, env, reference):
-    first = run(tmp_path, env, wait=False)
+    resume = tmp_path.parent / f"{tmp_path.name}-resume"
+    first = run(tmp_path, {**env, "GPT2_JAX_TEST_RESUME": str(resume)}, code=PAUSE + MAIN, wait=False)
     lines = []
     for line in first.stdout:
         lines.append(line)
-        if line.startswith("step      2 | loss"):
+        if line.startswith("PAUSED"):
             break
     start = time.perf_counter()
     code, out = run(tmp_path, env, extra=["seed=1"])
+    resume.touch()
     assert code == 2 and time.perf_counter() - start < 60, out
     error = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and f"is in use by pid {first.pid}" in error[0], out

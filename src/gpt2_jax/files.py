@@ -21,10 +21,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write a file (or create a directory) at; on success
     it is renamed to `path`, on an exception it is removed.
 
-    The temporary name keeps the suffix (matplotlib and others pick the format from it).
+    The temporary name is hidden (a leading dot: no glob for the final names matches it) and keeps
+    the suffix (matplotlib and others pick the format from it).
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         if tmp.is_file():

@@ -77,7 +77,7 @@ class GPT2JaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **_: Any) -> list[tuple[float, bool]]:
         """(log-probability of the continuation, whether greedy decoding gives it) per request: the row
         is context + continuation, cut from the left to the last n_ctx + 1 tokens as lm-eval's HF
-        backend does (a continuation longer than the context runs over several windows)."""
+        backend does (a continuation longer than n_ctx is scored over several windows)."""
         seqs = [np.array(ctx + cont, np.int32) for _, ctx, cont in requests]
         firsts = [len(ctx) for _, ctx, _ in requests]
         scored = self.scorer.score_sequences(seqs, firsts, stride=self.max_length, desc="loglikelihood")
