@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2_jax.data.sources import BUILTIN, CACHE_DIR_ENV, DATA_DIR_ENV, OFFLINE_ENV, DataError
+from gpt2_jax.data.sources import BUILD_DIR_ENV, BUILTIN, CACHE_DIR_ENV, DATA_DIR_ENV, OFFLINE_ENV, DataError
 
 
 def _positive(text: str) -> int:
@@ -22,11 +22,14 @@ def main(argv: list[str] | None = None) -> int:
                        description="Build a data set (TFDS, ArrayRecord) and tokenize every split into packed "
                                    "uint16 shards with a manifest. Re-running skips finished work.",
                        epilog=f"Environment: {DATA_DIR_ENV} (manual directory), {CACHE_DIR_ENV} (cache), "
+                              f"{BUILD_DIR_ENV} (TFDS builds when the cache is a URL), "
                               f"{OFFLINE_ENV}=1 (never download: report missing files at once).")
     p.add_argument("--dataset", required=True,
                    help=f"{', '.join(BUILTIN)}, or tfds:NAME[/CONFIG] for a TFDS catalog data set (needs the tf extra)")
     p.add_argument("--manual-dir", help=f"directory with one folder of raw files per data set (default ${DATA_DIR_ENV})")
-    p.add_argument("--cache-dir", help=f"where TFDS builds and token stores go (default ${CACHE_DIR_ENV} or ~/.cache/gpt2_jax)")
+    p.add_argument("--cache-dir", help=f"where TFDS builds and token stores go (default ${CACHE_DIR_ENV} or "
+                                       "~/.cache/gpt2_jax); a gs:// or s3:// URL puts the token store on the bucket "
+                                       f"and the TFDS build in ${BUILD_DIR_ENV} (default ~/.cache/gpt2_jax)")
     p.add_argument("--workers", type=_positive, default=None,
                    help="tokenizer processes (default: number of CPUs; 1 for under 32 MiB of text)")
     p.add_argument("--docs-per-shard", type=_positive, default=None,

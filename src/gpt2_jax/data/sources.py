@@ -26,8 +26,13 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gpt2_jax import storage
+
 DATA_DIR_ENV = "GPT2_JAX_DATA_DIR"
 CACHE_DIR_ENV = "GPT2_JAX_CACHE_DIR"
+# TFDS builds are local (ArrayRecord files are written in place): with a gs:// or s3:// cache dir
+# they go here, and only the token stores go to the bucket.
+BUILD_DIR_ENV = "GPT2_JAX_BUILD_DIR"
 # Set to 1 to never try the network: missing files are reported at once.
 OFFLINE_ENV = "GPT2_JAX_OFFLINE"
 DEFAULT_CACHE_DIR = Path("~/.cache/gpt2_jax")
@@ -505,11 +510,20 @@ OPTIONS = {"tiny_shakespeare": (), "webtext": (), "openwebtext": ("validation_fr
            "text_files": ("files", "field", "validation_files", "validation_fraction")}
 
 
-def resolve_dirs(cache_dir=None, manual_dir=None) -> tuple[Path, Path | None]:
-    """(cache dir, manual root): flags first, then $GPT2_JAX_CACHE_DIR / $GPT2_JAX_DATA_DIR."""
+def resolve_dirs(cache_dir=None, manual_dir=None) -> tuple[storage.AnyPath, Path | None]:
+    """(cache dir, manual root): flags first, then $GPT2_JAX_CACHE_DIR / $GPT2_JAX_DATA_DIR. The
+    cache dir may be a gs:// or s3:// URL (`storage.path`)."""
     cache = cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR
+    cache = storage.path(cache) if storage.is_url(cache) else Path(cache).expanduser().absolute()
     manual = manual_dir or os.environ.get(DATA_DIR_ENV) or None
-    return Path(cache).expanduser().absolute(), (Path(manual).expanduser().absolute() if manual else None)
+    return cache, (Path(manual).expanduser().absolute() if manual else None)
+
+
+def build_dir(cache) -> Path:
+    """Where TFDS builds go: the cache dir when it is local, else $GPT2_JAX_BUILD_DIR or ~/.cache/gpt2_jax."""
+    if not storage.is_url(cache):
+        return Path(cache)
+    return Path(os.environ.get(BUILD_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser().absolute()
 
 
 def catalog_download(relpath: str, *, cache_dir=None) -> Path | None:
@@ -517,7 +531,7 @@ def catalog_download(relpath: str, *, cache_dir=None) -> Path | None:
     extracted under the cache directory (`resolve_dirs`), or None where there is none. Reads the
     file system only: no TFDS data set is built and TensorFlow is not needed."""
     cache, _ = resolve_dirs(cache_dir)
-    extracted = cache / "tfds_catalog" / "downloads" / "extracted"
+    extracted = build_dir(cache) / "tfds_catalog" / "downloads" / "extracted"
     found = sorted(p for p in extracted.glob(f"*/{relpath}") if p.is_file()) if extracted.is_dir() else []
     return found[0] if found else None
 

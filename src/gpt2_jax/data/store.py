@@ -8,11 +8,18 @@ Layout of a store directory:
 Every file is written to a temporary name and renamed into place, and a shard's .json is written
 after its .bin, so a crash leaves either finished shards (kept by the next run) or temporary files
 (deleted by it). A store is complete exactly when manifest.json exists.
+
+A store may live on an object store (a gs:// or s3:// cache dir; `gpt2_jax.storage`): each file is
+then one upload, in the same order, and readers fetch only the byte ranges of the windows they
+need (no memory map, never a whole shard). A finished store can be named by its location instead
+of a data set name (`prepare("gs://bucket/cache/tokens/tiny_shakespeare")`), which is how the hosts
+of a pod train on a store prepared once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import fnmatch
 import hashlib
 import json
 import multiprocessing
@@ -25,8 +32,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpt2_jax import files, tokenizer
-from gpt2_jax.data.sources import DataError, build, decode_text, resolve_dirs, warn
+from gpt2_jax import files, storage, tokenizer
+from gpt2_jax.data.sources import (
+    CATALOG_PREFIX,
+    DataError,
+    build,
+    build_dir,
+    decode_text,
+    resolve_dirs,
+    warn,
+)
 
 FORMAT = "gpt2_jax.tokens.v1"
 MANIFEST = "manifest.json"
@@ -37,8 +52,29 @@ _READ_CHUNK = 64
 SMALL_CORPUS_BYTES = 32 << 20
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path, obj: Any) -> None:
     files.write_json(path, obj, indent=1)
+
+
+def _read_json(path) -> Any:
+    """The JSON in `path`; None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def named_store(dataset: str):
+    """The token store `dataset` names by its location, or None when it names a data set.
+
+    A location is a gs:// or s3:// URL or a path with a slash (./store, /data/tokens/x); data set
+    names (tiny_shakespeare, tfds:NAME/CONFIG) have none.
+    """
+    if storage.is_url(dataset):
+        return storage.path(dataset)
+    if not dataset.startswith(CATALOG_PREFIX) and ("/" in dataset or os.sep in dataset):
+        return Path(dataset).expanduser().absolute()
+    return None
 
 
 def _store_name(builder, feature: str, description: dict) -> str:
@@ -66,7 +102,7 @@ def _tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: tokenize records [start, stop) of one split into `bin_path`; returns the shard record."""
     enc = tokenizer.get_tokenizer()
     source = _data_source(task["tfds_dir"], task["split"])
-    bin_path = Path(task["bin"])
+    bin_path = storage.path(task["bin"])
     digest, n_tokens, n_bytes, replaced = hashlib.sha256(), 0, 0, Counter()
     eot = np.array([tokenizer.EOT_ID], DTYPE)
     with files.atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
@@ -100,22 +136,18 @@ def _tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
 
 def _finished(task: dict[str, Any]) -> dict[str, Any] | None:
     """The shard's record if an earlier run finished exactly this shard, else None."""
-    bin_path = Path(task["bin"])
-    meta = bin_path.with_suffix(".json")
-    if not meta.is_file() or not bin_path.is_file():
-        return None
-    try:
-        record = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError):
+    bin_path = storage.path(task["bin"])
+    record = _read_json(bin_path.with_suffix(".json"))
+    if not isinstance(record, dict):
         return None
     if (record.get("tokenizer_hash") != task["tokenizer_hash"] or record.get("source_id") != task["source_id"]
             or record.get("documents") != [task["start"], task["stop"]]
-            or bin_path.stat().st_size != record.get("tokens", -1) * DTYPE.itemsize):
+            or storage.size(bin_path) != record.get("tokens", -1) * DTYPE.itemsize):
         return None
     return record
 
 
-def _check_tokenizer(path: Path, found: str | None) -> None:
+def _check_tokenizer(path, found: str | None) -> None:
     if found != tokenizer.tokenizer_hash():
         raise DataError(
             f"{path}: written by tokenizer {found}, not the current one ({tokenizer.tokenizer_hash()}); "
@@ -124,43 +156,52 @@ def _check_tokenizer(path: Path, found: str | None) -> None:
 
 
 def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | None = None,
-            docs_per_shard: int | None = None, progress: bool = True, **options) -> Path:
+            docs_per_shard: int | None = None, progress: bool = True, **options):
     """Build (idempotently) the token store of `dataset` and return its directory.
 
-    `dataset` is tiny_shakespeare, openwebtext, webtext, text_files or tfds:NAME[/CONFIG].
-    Options: text_files takes files, field, validation_files, validation_fraction; openwebtext
-    takes validation_fraction; tfds:NAME takes feature. `workers` tokenizer processes (default:
-    one per CPU, or this process alone for under 32 MiB of text).
+    `dataset` is tiny_shakespeare, openwebtext, webtext, text_files or tfds:NAME[/CONFIG], or the
+    location of a finished store (`named_store`), returned as is. Options: text_files takes files,
+    field, validation_files, validation_fraction; openwebtext takes validation_fraction; tfds:NAME
+    takes feature. `workers` tokenizer processes (default: one per CPU, or this process alone for
+    under 32 MiB of text).
+
+    Returns a `pathlib.Path`, or an `epath.Path` (`storage.path`) when the cache dir is a gs:// or
+    s3:// URL: the TFDS build then stays local (`sources.build_dir`) and the store goes to the bucket.
     """
+    named = named_store(dataset)
+    if named is not None:
+        load_manifest(named)
+        return named
     cache, manual_root = resolve_dirs(cache_dir, manual_dir)
-    builder, feature, description = build(dataset, cache_dir=cache, manual_root=manual_root, **options)
-    store = cache / "tokens" / _store_name(builder, feature, description)
-    store.mkdir(parents=True, exist_ok=True)
+    builder, feature, description = build(dataset, cache_dir=build_dir(cache), manual_root=manual_root, **options)
+    remote = storage.is_url(cache)
+    store = storage.join(cache, "tokens", _store_name(builder, feature, description))
+    if not remote:  # object stores have no directories
+        store.mkdir(parents=True, exist_ok=True)
     manifest_path = store / MANIFEST
     tok_hash = tokenizer.tokenizer_hash()
-    for meta in sorted(store.glob("*.json")):
-        try:
-            found = json.loads(meta.read_text()).get("tokenizer_hash")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-        _check_tokenizer(meta, found)
+    names = sorted(storage.file_sizes(store))  # listed here, not by glob: see storage.file_sizes
+    for meta in [store / n for n in names if n.endswith(".json")]:
+        found = _read_json(meta)
+        if isinstance(found, dict):
+            _check_tokenizer(meta, found.get("tokenizer_hash"))
     info = builder.info
     splits = {name: int(split.num_examples) for name, split in info.splits.items()}
     source_id = {"tfds_name": builder.name, "tfds_config": builder.builder_config.name if builder.builder_config else None,
                  "tfds_version": str(builder.version), "feature": feature,
                  "num_examples": splits, "num_bytes": {n: int(s.num_bytes) for n, s in info.splits.items()}}
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        manifest = _read_json(manifest_path)
+        if not isinstance(manifest, dict):
             manifest = {}  # damaged by hand: rebuilt below
         if manifest.get("source_id") == source_id:
             _warn_replaced(manifest)
             return store
         # The TFDS data changed under this store: it is rebuilt, and must not look complete meanwhile.
-        manifest_path.unlink()
-    for tmp in store.glob("*.tmp-*"):
-        tmp.unlink()  # left by a crashed run
+        storage.remove(manifest_path)
+    if not remote:  # an upload leaves no temporary object behind
+        for tmp in [store / n for n in names if fnmatch.fnmatch(n, "*.tmp-*")]:
+            tmp.unlink()  # left by a crashed run
 
     tasks = []
     for split, n_docs in sorted(splits.items()):
@@ -215,9 +256,9 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
         }
     manifest["replaced_bytes"] = dict(sorted(replaced_total.items()))
     listed = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
-    for stale in store.glob("*-[0-9][0-9][0-9][0-9][0-9].*"):
-        if stale.with_suffix(".bin").name not in listed:
-            stale.unlink()  # shards of an earlier, different build
+    for name in fnmatch.filter(storage.file_sizes(store), "*-[0-9][0-9][0-9][0-9][0-9].*"):
+        if name.rsplit(".", 1)[0] + ".bin" not in listed:
+            storage.remove(store / name)  # shards of an earlier, different build
     _write_json(manifest_path, manifest)
     _warn_replaced(manifest)
     return store
@@ -233,7 +274,7 @@ def _warn_replaced(manifest: dict[str, Any], shown: int = 5) -> None:
              f"(the manifest lists them)")
 
 
-def report(store: Path) -> list[str]:
+def report(store) -> list[str]:
     """Human-readable summary lines of a finished store (token counts, replaced bytes)."""
     manifest = load_manifest(store)
     lines = [f"{store}"]
@@ -245,7 +286,7 @@ def report(store: Path) -> list[str]:
 
 def load_manifest(store) -> dict[str, Any]:
     """The manifest of a complete store, after checking its format and tokenizer."""
-    path = Path(store) / MANIFEST
+    path = storage.path(store) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: no such file; {store} is not a finished token store (run `python -m gpt2_jax.data prepare`)")
     try:
@@ -259,31 +300,76 @@ def load_manifest(store) -> dict[str, Any]:
 
 
 class SplitTokens:
-    """One split of a store as a read-only token sequence over memory-mapped shards."""
+    """One split of a store as a read-only token sequence: memory-mapped shards on a local disk,
+    ranged reads of the shards' objects on an object store."""
 
     def __init__(self, store, split: str):
-        self.store = Path(store)
+        self.store = storage.path(store)
         manifest = load_manifest(self.store)
         if split not in manifest["splits"]:
             raise DataError(f"{self.store / MANIFEST}: no split {split!r} (has: {', '.join(manifest['splits'])})")
         self.split = split
-        self.shards = []
+        self.remote = storage.is_url(self.store)
+        sizes = storage.file_sizes(self.store) if self.remote else None  # one listing, not a request per shard
+        self.shards, lengths = [], []  # memory maps, or the URLs of the shards' objects
         for s in manifest["splits"][split]["shards"]:
             path = self.store / s["file"]
-            size = path.stat().st_size if path.is_file() else -1
+            if self.remote:
+                size = sizes.get(s["file"], -1)
+            else:
+                size = path.stat().st_size if path.is_file() else -1
             if size != s["tokens"] * DTYPE.itemsize:
                 raise DataError(f"{path}: expected {s['tokens'] * DTYPE.itemsize} bytes, found {size}")
             if s["tokens"]:
-                self.shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
-        self.offsets = np.cumsum([0] + [len(m) for m in self.shards])
+                self.shards.append(str(path) if self.remote else np.memmap(path, dtype=DTYPE, mode="r"))
+                lengths.append(s["tokens"])
+        self.offsets = np.cumsum([0] + lengths)
         self.fingerprint = hashlib.sha256(
             json.dumps(manifest["splits"][split]["shards"], sort_keys=True).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(shard, first, end) token offsets within shards that make up tokens [start, stop)."""
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        out = []
+        while start < stop:
+            lo = start - int(self.offsets[i])
+            hi = min(stop, int(self.offsets[i + 1])) - int(self.offsets[i])
+            out.append((i, lo, hi))
+            start += hi - lo
+            i += 1
+        return out
+
+    def _fetch(self, pieces: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """The tokens of each (shard, first, end) piece of a remote store, in one concurrent batch of
+        ranged reads; overlapping and touching pieces share one read (consecutive windows share a
+        token, and sequential eval windows touch)."""
+        merged: list[list[int]] = []  # [shard, first, end] per read
+        where = [0] * len(pieces)
+        for k in sorted(range(len(pieces)), key=pieces.__getitem__):
+            shard, lo, hi = pieces[k]
+            if merged and merged[-1][0] == shard and lo <= merged[-1][2]:
+                merged[-1][2] = max(merged[-1][2], hi)
+            else:
+                merged.append([shard, lo, hi])
+            where[k] = len(merged) - 1
+        blobs = storage.read_ranges_many([self.shards[m[0]] for m in merged], [m[1] * DTYPE.itemsize for m in merged],
+                                         [m[2] * DTYPE.itemsize for m in merged])
+        arrays = []
+        for (shard, lo, hi), blob in zip(merged, blobs):
+            if len(blob) != (hi - lo) * DTYPE.itemsize:
+                raise DataError(f"{self.shards[shard]}: read {len(blob)} bytes at {lo * DTYPE.itemsize}, expected "
+                                f"{(hi - lo) * DTYPE.itemsize} (the object changed since the store was opened?)")
+            arrays.append(np.frombuffer(blob, DTYPE))
+        return [arrays[w][lo - merged[w][1]:hi - merged[w][1]] for w, (_, lo, hi) in zip(where, pieces)]
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) as int32 (crossing shard boundaries where needed)."""
+        if self.remote:
+            parts = self._fetch(self._pieces(start, stop))
+            return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         parts = []
         while start < stop:
@@ -297,9 +383,16 @@ class SplitTokens:
         return np.concatenate(parts).astype(np.int32) if len(parts) > 1 else parts[0].astype(np.int32)
 
     def gather(self, starts, length: int) -> np.ndarray:
-        """int32 [len(starts), length]: tokens [s, s + length) for each start (one gather per shard)."""
+        """int32 [len(starts), length]: tokens [s, s + length) for each start (one gather per shard,
+        or one batch of ranged reads on an object store)."""
         starts = np.asarray(starts, np.int64)
         out = np.empty((len(starts), length), np.int32)
+        if self.remote:
+            rows = [self._pieces(int(s), int(s) + length) for s in starts]
+            parts = iter(self._fetch([p for row in rows for p in row]))
+            for r, row in enumerate(rows):
+                out[r] = np.concatenate([next(parts) for _ in row])
+            return out
         shard = np.searchsorted(self.offsets, starts, side="right") - 1
         inside = starts + length <= self.offsets[np.minimum(shard + 1, len(self.shards))]
         span = np.arange(length)

@@ -33,7 +33,9 @@ def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int) -> tuple[It
     """(this process's training batches [rows, seq_len+1], its share of the validation batches).
 
     The token store is built by `gpt2_jax.data.prepare` (idempotent; process 0 first, so processes
-    never build it concurrently). `eval_batch_size` counts rows of all processes together.
+    never build it concurrently), or `dataset=` names a finished one by its location (a path, or a
+    gs:// or s3:// URL: a pod prepares once and every host reads only its windows from the bucket).
+    `eval_batch_size` counts rows of all processes together.
     """
     n, i = jax.process_count(), jax.process_index()
     if i == 0:
