@@ -13,7 +13,9 @@ def run_losses(run_dir: Path) -> dict[int, float]:
     """{step: loss} from a run's metrics.jsonl, the last record of each step winning (a resumed run
     appends the steps it repeats)."""
     out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    from gpt2_jax import storage
+
+    for line in (storage.path(run_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "loss" in record:
             out[record["step"]] = record["loss"]

@@ -6,6 +6,8 @@ A source (`--model`, `init_from=`, `to-hf`) is any of:
   a params-only checkpoint   `config.json` (a ModelConfig) and `params/` (Orbax), see `save_params`;
   a run directory    its newest readable training checkpoint (falling back past damaged ones);
   a step directory   `RUN_DIR/checkpoints/<step>` (or the `checkpoints/` folder itself).
+Each path may be a gs:// or s3:// URL (`gpt2_jax.storage`): Orbax reads checkpoints there itself,
+and an HF directory is copied to a local temporary folder first.
 
 `load(source, config)` fits the weights to `config` when given (scanned or per-layer layout,
 vocabulary padding, parameter dtype; the shape must match), and `placement` puts them on a mesh.
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import checkpoint, convert, files
+from gpt2_jax import checkpoint, convert, files, storage
 from gpt2_jax.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, PARAMS_DIR, CheckpointError
 from gpt2_jax.config import ConfigError, ModelConfig, get_model_config
 from gpt2_jax.model import abstract_params, init_params, stack_layers, unstack_layers
@@ -54,7 +56,7 @@ def kind(source: str | os.PathLike) -> str:
     """What `source` is: random, huggingface, params, step or run (CheckpointError if none)."""
     if str(source).startswith(RANDOM_PREFIX):
         return "random"
-    path = Path(source).absolute()
+    path = storage.path(source)
     if _is_hf_dir(path):
         return "huggingface"
     if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
@@ -116,7 +118,7 @@ def _random_size(source: str) -> str:
 def load_config(source: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of `source`, reading no weights (a run: its newest checkpoint's)."""
     k = kind(source)
-    path = Path(source).absolute()
+    path = storage.path(source)
     if k == "random":
         return get_model_config(_random_size(source))
     if k == "huggingface":
@@ -140,12 +142,15 @@ def run_config(source: str | os.PathLike, run: ModelConfig) -> ModelConfig:
 def _read(source: str | os.PathLike, seed: int) -> tuple[ModelConfig, Any]:
     """(config, params) as the source holds them (its layout, float32 or its saved dtype)."""
     k = kind(source)
-    path = Path(source).absolute()
+    path = storage.path(source)
     if k == "random":
         cfg = get_model_config(_random_size(source))
         return cfg, init_params(cfg, jax.random.key(seed))
     if k == "huggingface":
         try:
+            if storage.is_url(path):
+                with storage.local_copy(path) as local:
+                    return convert.load_hf(local)
             return convert.load_hf(path)
         except convert.ConversionError as e:
             raise CheckpointError(str(e)) from e
@@ -245,10 +250,15 @@ def load(
 
 
 def save_params(path: str | os.PathLike, config: ModelConfig, params: Any) -> Path:
-    """Write a params-only checkpoint to `path` (which must not exist yet), as a whole or not at all."""
-    path = Path(path).absolute()
+    """Write a params-only checkpoint to `path` (which must not exist yet), as a whole or not at all
+    (on an object store: config.json, which makes it a checkpoint, is written last)."""
+    path = storage.path(path)
     if path.exists():
         raise CheckpointError(f"{path} already exists; choose a new directory")
+    if storage.is_url(path):  # Orbax writes there itself; the config, which makes it a checkpoint, comes last
+        checkpoint.save_params_dir(path / PARAMS_DIR, params)
+        files.write_text(path / CONFIG_FILE, config.to_json())
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(path) as tmp:
         tmp.mkdir()

@@ -11,9 +11,11 @@ with the `args.Composite` API. Each step directory holds these items:
   structure/  shape, dtype and mesh partitioning of every leaf (JSON; read without touching arrays)
   metrics/    the metrics at that step (JSON, written by Orbax)
 
-Saves are asynchronous. Orbax writes each one into `<step>.orbax-checkpoint-tmp` and renames it
-when complete, so a process killed at any moment leaves only complete step directories plus a
-temporary folder that the next run deletes. Old checkpoints are deleted by *this* module, and only
+Saves are asynchronous. On a local disk Orbax writes each one into `<step>.orbax-checkpoint-tmp`
+and renames it when complete; on an object store (a gs:// or s3:// run directory, which has no
+rename) it writes `<step>/` directly and marks it complete with a last object, `commit_success.txt`.
+Either way a process killed at any moment leaves only complete steps plus an unfinished one that the
+next run deletes. Old checkpoints are deleted by *this* module, and only
 once a newer one is complete on disk: a failed or interrupted save never costs an earlier one.
 
 A params-only checkpoint is a directory holding `config.json` (the `ModelConfig`) and `params/`
@@ -35,7 +37,9 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -46,8 +50,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as ocm
+from orbax.checkpoint._src.path import atomicity as ocp_atomicity
 
-from gpt2_jax import files
+from gpt2_jax import files, storage
 from gpt2_jax.sharding import fit_spec
 
 CONFIG_FILE = "config.json"
@@ -80,11 +85,14 @@ def warn(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_params_dir(params_dir: Path, params: Any) -> None:
-    """Write a params tree as an Orbax PyTree directory (host copies of the arrays)."""
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(params_dir, jax.tree.map(np.asarray, params))
-    ckptr.wait_until_finished()
+def save_params_dir(params_dir, params: Any) -> None:
+    """Write a params tree as an Orbax PyTree directory (host copies of the arrays); `params_dir`
+    may be a gs:// or s3:// URL."""
+    params_dir = storage.path(params_dir)
+    _check_orbax_can_write(params_dir)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(), **_orbax_path_options(params_dir))
+    ckptr.save(params_dir, args=ocp.args.StandardSave(jax.tree.map(np.asarray, params)))  # synchronous
+    ckptr.close()
 
 
 def restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -94,6 +102,8 @@ def restore_params_dir(params_dir: Path, sharding: jax.sharding.Sharding | None 
     The directory is read with the PyTree handler itself: in a training checkpoint it is one item
     of a step, without the step-level metadata file that a `Checkpointer` looks for.
     """
+    params_dir = storage.path(params_dir)
+    _check_orbax_can_write(params_dir)
     handler = ocp.PyTreeCheckpointHandler()
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
@@ -134,9 +144,9 @@ def short_error(e: BaseException) -> str:
     return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"
 
 
-def checkpoints_dir_of(path: Path) -> Path | None:
+def checkpoints_dir_of(path) -> Path | None:
     """`path`'s checkpoints folder if `path` is a run directory or that folder itself."""
-    path = Path(path)
+    path = storage.path(path)
     if (path / CHECKPOINTS_DIR).is_dir():
         return path / CHECKPOINTS_DIR
     if path.name == CHECKPOINTS_DIR and path.is_dir():
@@ -144,11 +154,45 @@ def checkpoints_dir_of(path: Path) -> Path | None:
     return None
 
 
-def complete_steps(checkpoints_dir: Path) -> list[int]:
-    """Steps with a complete (renamed into place) directory, ascending."""
+COMMIT_FILE = ocp_atomicity.COMMIT_SUCCESS_FILE  # the last object of a complete step on an object store
+
+
+def complete_steps(checkpoints_dir) -> list[int]:
+    """Steps with a complete directory (renamed into place; on an object store, holding its
+    commit marker), ascending."""
     if not checkpoints_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    remote = storage.is_url(checkpoints_dir)
+    return sorted(int(p.name) for p in checkpoints_dir.iterdir()
+                  if p.name.isdigit() and p.is_dir() and (not remote or (p / COMMIT_FILE).exists()))
+
+
+def _unfinished(checkpoints_dir) -> list:
+    """Folders of saves that never completed: Orbax's temporary folders, and on an object store step
+    folders without their commit marker."""
+    if not checkpoints_dir.is_dir():
+        return []
+    remote = storage.is_url(checkpoints_dir)
+    return [p for p in sorted(checkpoints_dir.iterdir())
+            if TMP_SUFFIX in p.name or (remote and p.name.isdigit() and not (p / COMMIT_FILE).exists())]
+
+
+def _orbax_path_options(directory) -> dict:
+    """Where a checkpoint goes to an object store: complete when its commit marker is written
+    (object stores have no rename), which Orbax also picks itself for gs://."""
+    return {"temporary_path_class": ocp_atomicity.CommitFileTemporaryPath} if storage.is_url(directory) else {}
+
+
+def _check_orbax_can_write(directory) -> None:
+    """Refuse checkpoints at s3:// URLs: Orbax 0.12 builds its tensorstore paths with
+    `os.path.normpath`, which turns `s3://bucket/x` into the local folder `s3:/bucket/x`, so the arrays
+    would land on this host's disk. gs:// goes through tensorstore's GCS driver."""
+    if storage.scheme(str(directory)) == "s3":
+        raise CheckpointError(
+            f"{directory}: Orbax {ocp.__version__} cannot write or read checkpoints on s3:// (its array paths lose the "
+            "scheme and land on local disk); keep checkpoints on gs:// or a local or mounted path (run_dir=, "
+            "init_from=, --model); token stores, reports and HF weights may be on s3://"
+        )
 
 
 def read_json_item(step_dir: Path, name: str) -> Any:
@@ -295,17 +339,6 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
-
-
 @dataclasses.dataclass
 class _Info:  # what Orbax's preservation policies look at
     step: int
@@ -321,8 +354,9 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | os.PathLike, options: CheckpointOptions = CheckpointOptions(), *, read_only: bool = False):
-        self.run_dir = Path(run_dir).absolute()
+        self.run_dir = storage.path(run_dir)
         self.directory = self.run_dir / CHECKPOINTS_DIR
+        _check_orbax_can_write(self.directory)
         self.options = options
         self.read_only = read_only
         self.failed_steps: list[int] = []
@@ -344,9 +378,11 @@ class Checkpointer:
                 async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
                 create=False,
                 read_only=read_only,
+                **_orbax_path_options(self.directory),
             ),
             item_handlers={
-                **{k: ocp.PyTreeCheckpointHandler(use_compression=options.compress) for k in ARRAY_ITEMS},
+                **{k: ocp.PyTreeCheckpointHandler(use_compression=options.compress)
+                   for k in ARRAY_ITEMS},
                 **{k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS},
             },
         )
@@ -358,15 +394,17 @@ class Checkpointer:
         if self._cleaned:
             return
         self._cleaned = True
-        if jax.process_index() != 0 or not self.directory.is_dir():
+        if jax.process_index() != 0:
             return
-        for p in sorted(self.directory.iterdir()):
-            if TMP_SUFFIX in p.name:
-                try:
+        for p in _unfinished(self.directory):
+            try:
+                if storage.is_url(p):
+                    storage.rmtree(p)
+                else:
                     shutil.rmtree(p)
-                    warn(f"removed unfinished checkpoint folder {p} (the save was interrupted)")
-                except OSError as e:
-                    warn(f"warning: cannot remove unfinished checkpoint folder {p}: {e}")
+                warn(f"removed unfinished checkpoint folder {p} (the save was interrupted)")
+            except OSError as e:
+                warn(f"warning: cannot remove unfinished checkpoint folder {p}: {e}")
 
     def steps(self) -> list[int]:
         """Complete checkpoint steps on disk, ascending."""
@@ -391,6 +429,10 @@ class Checkpointer:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             probe = self.directory / f".write-test-{os.getpid()}"
+            if storage.is_url(probe):  # an object store: writable is all there is to check
+                storage.write_bytes(probe, b"")
+                storage.remove(probe)
+                return None
             probe.write_bytes(b"")
             probe.unlink()
             free = shutil.disk_usage(self.directory).free
@@ -406,8 +448,7 @@ class Checkpointer:
         if detail and jax.process_index() == 0:
             log = self.run_dir / WARNINGS_LOG
             try:
-                with open(log, "a", encoding="utf-8") as f:
-                    f.write(f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} {message}\n{detail}\n\n")
+                files.append_text(log, f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} {message}\n{detail}\n\n")
                 message += f" (details: {log})"
             except OSError:
                 pass  # a read-only or full run directory: the line alone
@@ -429,9 +470,9 @@ class Checkpointer:
         except Exception as e:  # the async write raised: disk full, I/O error, ...
             self._report_failure(step, cause(e), _details(e))
             if jax.process_index() == 0:  # free the space the partial write took
-                shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
+                self._remove_partial(step)
             return False
-        if not (self.directory / str(step)).is_dir():
+        if step not in self.steps():
             self._report_failure(step, "the save did not complete")
             return False
         self._prune()
@@ -480,12 +521,18 @@ class Checkpointer:
             self._mgr.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # directory creation or the synchronous copy failed
             self._report_failure(step, cause(e), _details(e))
-            shutil.rmtree(self.directory / f"{step}{TMP_SUFFIX}", ignore_errors=True)
+            self._remove_partial(step)
             return False
         self._pending = step
         if not self.options.async_save:
             return self.wait()
         return True
+
+    def _remove_partial(self, step: int) -> None:
+        """Delete what a failed save of `step` wrote (on an object store, the step folder itself)."""
+        storage.rmtree(self.directory / f"{step}{TMP_SUFFIX}")
+        if storage.is_url(self.directory) and step not in self.steps():
+            storage.rmtree(self.directory / str(step))
 
     def _prune(self) -> None:
         """Delete complete checkpoints that are neither among the latest K nor the best M.
@@ -571,8 +618,8 @@ class Checkpointer:
         moved = ""
         if not self.read_only and jax.process_index() == 0:
             dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(self.directory / str(step), dst)
+            storage.rmtree(dst)
+            storage.move(self.directory / str(step), dst)
             self._mgr.reload()
             moved = f", set aside as {dst.name}"
         self.warn(f"warning: newest checkpoint is damaged: {self.directory / str(step)} ({cause(e.__cause__ or e)}){moved}; trying the previous one", _details(e))
@@ -687,11 +734,11 @@ def config_changes(old: dict | None, new: dict) -> dict[str, list]:
 
 def read_history(run_dir: str | os.PathLike) -> list[dict]:
     """The start records of a run, oldest first (lines that are not records are skipped)."""
-    path = Path(run_dir) / HISTORY_FILE
+    path = storage.path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -704,7 +751,7 @@ def read_history(run_dir: str | os.PathLike) -> list[dict]:
 def record_start(run_dir: str | os.PathLike, run_config: dict, start_step: int) -> dict[str, list]:
     """Append this start (time, step, host, pid, resolved config, what changed since the previous
     start) to the run's history and make `run_config` the current config.json. Returns the changes."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     history = read_history(run_dir)
     previous = history[-1].get("config") if history else None
     if previous is None and (run_dir / CONFIG_FILE).is_file():  # a run from before the history
@@ -718,8 +765,7 @@ def record_start(run_dir: str | os.PathLike, run_config: dict, start_step: int) 
         "start_step": start_step, "host": socket.gethostname(), "pid": os.getpid(),
         "changed": changes, "config": run_config,
     }
-    with open(run_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    files.append_text(run_dir / HISTORY_FILE, json.dumps(record, sort_keys=True) + "\n")
     files.write_json(run_dir / CONFIG_FILE, run_config)
     return changes
 
@@ -735,8 +781,11 @@ LIBRARY_LOG = "library.log"
 def library_logs_to(run_dir: str | os.PathLike):
     """Send what Orbax and TFDS log through absl, asyncio's task errors and Python's "Exception
     ignored" reports to RUN_DIR/library.log instead of the console while the block runs: the console
-    keeps the project's one-line reports, which name the file."""
-    path = Path(run_dir).absolute() / LIBRARY_LOG
+    keeps the project's one-line reports, which name the file. On an object store the log is kept in
+    a local file while the block runs, then appended to RUN_DIR/library.log."""
+    remote = storage.is_url(run_dir)
+    path = (Path(tempfile.mkstemp(prefix="gpt2_jax-library-", suffix=".log")[1]) if remote
+            else Path(run_dir).absolute() / LIBRARY_LOG)
     try:
         stream = open(path, "a", encoding="utf-8")
     except OSError:  # a read-only run directory: leave the logs where they were
@@ -766,13 +815,31 @@ def library_logs_to(run_dir: str | os.PathLike):
         absl_handler.stream = saved_stream
         sys.unraisablehook = saved_hook
         stream.close()
+        if remote:
+            _upload_log(path, storage.path(run_dir) / LIBRARY_LOG)
+
+
+def _upload_log(local: Path, url) -> None:
+    try:
+        text = local.read_text(encoding="utf-8", errors="replace")
+        if text:
+            files.append_text(url, text)
+    except OSError as e:
+        warn(f"warning: cannot write {url}: {cause(e)}")
+    finally:
+        local.unlink(missing_ok=True)
 
 
 def library_logs_at_exit_to(run_dir: str | os.PathLike) -> None:
     """For a process about to exit after training: what is reported while it shuts down (asyncio's
     "exception was never retrieved" for a failed async write, "Exception ignored" from collected
-    coroutines) goes to RUN_DIR/library.log as well, not to the console."""
-    path = Path(run_dir).absolute() / LIBRARY_LOG
+    coroutines) goes to RUN_DIR/library.log as well, not to the console (for a run directory on an
+    object store, to a local file named gpt2_jax-library-*.log in the temporary directory: nothing
+    can be uploaded once the interpreter is shutting down)."""
+    if storage.is_url(run_dir):
+        path = Path(tempfile.gettempdir()) / f"gpt2_jax-library-{os.getpid()}.log"
+    else:
+        path = Path(run_dir).absolute() / LIBRARY_LOG
     if not path.parent.is_dir():
         return
     handler = logging.FileHandler(path, delay=True, encoding="utf-8")
@@ -809,11 +876,25 @@ class RunLock:
     names the holder (host, pid, start time) so that a refused start can say who holds it. On a
     multi-host run, process 0 holds it for all. Works on local disks and on NFS, where Linux maps
     flock to NFS byte-range locks.
+
+    On an object store (gs://, s3://) there is no flock. The lock is the object RUN_DIR/.lock,
+    created with the store's create-if-absent precondition (`ifGenerationMatch=0` on GCS,
+    `If-None-Match: *` on S3), so of two starts exactly one creates it. It is a lease: its holder
+    rewrites it every `HEARTBEAT_S` seconds and deletes it on exit. A start that finds it takes it
+    over when its holder is gone: the lease has not been renewed for `LEASE_S` seconds (a killed or
+    preempted host), or it names a process of this host that no longer runs.
     """
 
+    HEARTBEAT_S = 20.0
+    LEASE_S = 90.0
+
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir).absolute() / LOCK_FILE
+        self.path = storage.path(run_dir) / LOCK_FILE
+        self.remote = storage.is_url(self.path)
         self._fd: int | None = None
+        self._record: dict | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
         self.previous: dict | None = None  # the holder recorded by a process that did not release it
 
     def _holder(self, fd: int) -> dict | None:
@@ -825,7 +906,70 @@ class RunLock:
             return None
         return holder if isinstance(holder, dict) else None
 
+    def _record_now(self) -> dict:
+        now = time.time()
+        started = (self._record or {}).get("started") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": started,
+                "heartbeat": now, "lease_s": self.LEASE_S}
+
+    def _read_object(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _gone(self, holder: dict | None) -> bool:
+        """Whether the holder of the lock object no longer holds it."""
+        if holder is None:  # deleted meanwhile, or not a record
+            return True
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        beat = holder.get("heartbeat")
+        lease = holder.get("lease_s", self.LEASE_S)
+        return not isinstance(beat, (int, float)) or time.time() - beat > float(lease)
+
+    def _acquire_object(self) -> None:
+        for _ in range(3):
+            self._record = self._record_now()
+            if storage.create_new(self.path, json.dumps(self._record).encode()):
+                break
+            holder = self._read_object()
+            if not self._gone(holder):
+                raise RunDirInUse(
+                    f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                    f"(since {holder.get('started', '?')}; its lease {self.path} is renewed every {self.HEARTBEAT_S:.0f} s "
+                    f"and taken over {self.LEASE_S:.0f} s after it stops); wait for that run to end, stop it, or choose another run_dir="
+                )
+            self.previous = holder or self.previous
+            storage.remove(self.path)  # a dead holder's lease: removed, then created again under the precondition
+        else:
+            raise RunDirInUse(f"{self.path.parent}: another start took its lock {self.path} at the same moment; retry")
+        self._beat = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                holder = self._read_object()
+                if holder is not None and (holder.get("host"), holder.get("pid")) != (socket.gethostname(), os.getpid()):
+                    warn(f"warning: {self.path} was taken over by pid {holder.get('pid')} on {holder.get('host')}; "
+                         "this run no longer holds its run directory")
+                    return
+                self._record = self._record_now()
+                storage.write_bytes(self.path, json.dumps(self._record).encode())
+            except Exception as e:  # a transient store error: the next beat retries
+                warn(f"warning: cannot renew {self.path}: {cause(e)}")
+
     def acquire(self) -> "RunLock":
+        if self.remote:
+            self._acquire_object()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -848,6 +992,15 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        if self.remote:
+            if self._beat is not None:
+                self._stop.set()
+                self._beat.join()
+                self._beat = None
+                holder = self._read_object()
+                if holder is not None and (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid()):
+                    storage.remove(self.path)
+            return
         if self._fd is None:
             return
         try:
@@ -878,8 +1031,23 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def list_run(run_dir: Path) -> str:
+def _saved_at(step_dir) -> str:
+    """When a step was saved (UTC): its folder's time on a disk, its commit time from Orbax's
+    metadata on an object store (whose folders have no time)."""
+    if storage.is_url(step_dir):
+        try:
+            meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+            seconds = (meta.get("commit_timestamp_nsecs") or meta["init_timestamp_nsecs"]) / 1e9
+        except (OSError, ValueError, KeyError, TypeError):
+            return "?"
+    else:
+        seconds = step_dir.stat().st_mtime
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def list_run(run_dir) -> str:
     """A table of a run's checkpoints: step, time, size, metrics; then the config of the newest."""
+    run_dir = storage.path(run_dir)
     ckpt_dir = checkpoints_dir_of(run_dir)
     if ckpt_dir is None:
         if not run_dir.exists():
@@ -900,11 +1068,11 @@ def list_run(run_dir: Path) -> str:
     lines.append(header.rstrip())
     for s in steps:
         d = ckpt_dir / str(s)
-        t = datetime.datetime.fromtimestamp(d.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        t = _saved_at(d)
         m = metrics[s]
         vals = "  ".join(f"{m[k]:>12.5g}" if m and k in m else f"{'-':>12}" for k in keys) if m is not None else "metrics unreadable"
         tags = [t for t, cond in (("latest", s == steps[-1]), ("best", s == best_step)) if cond]
-        lines.append(f"{s:>8}  {t:19}  {_human(_dir_bytes(d)):>10}  {vals}{'  (' + ', '.join(tags) + ')' if tags else ''}")
+        lines.append(f"{s:>8}  {t:19}  {_human(storage.tree_bytes(d)):>10}  {vals}{'  (' + ', '.join(tags) + ')' if tags else ''}")
     others = sorted(p.name for p in ckpt_dir.iterdir() if not p.name.isdigit() and not p.name.startswith("."))
     for name in others:
         why = ("unfinished save, deleted when training resumes" if TMP_SUFFIX in name

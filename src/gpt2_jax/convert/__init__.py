@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from gpt2_jax import files
+from gpt2_jax import files, storage
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.model import unstack_layers
 
@@ -219,7 +219,7 @@ def save_hf(config: ModelConfig, params: dict[str, Any], out_dir: str | os.PathL
             p + "mlp.c_proj.weight": arr(h["mlp"]["c_proj"]["kernel"]),
             p + "mlp.c_proj.bias": arr(h["mlp"]["c_proj"]["bias"]),
         })
-    out = Path(out_dir)
+    out = storage.path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})

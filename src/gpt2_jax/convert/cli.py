@@ -13,6 +13,7 @@ import numpy as np
 from gpt2_jax import convert, weights
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ConfigError
+from gpt2_jax.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg, params = weights.load(args.checkpoint, allow_nonfinite=args.allow_nonfinite)
             out = convert.save_hf(cfg, params, args.out)
             print(f"wrote {out}")
-    except (convert.ConversionError, ConfigError, CheckpointError, OSError) as e:
+    except (convert.ConversionError, ConfigError, CheckpointError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

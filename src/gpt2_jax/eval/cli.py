@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from gpt2_jax import memory, weights
+from gpt2_jax import memory, storage, weights
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ConfigError, ModelConfig
 from gpt2_jax.eval.report import evaluate, render_table, write_report
@@ -21,7 +21,10 @@ from gpt2_jax.eval.tasks import DATA_DIR_ENV, SPLITS, TASKS, EvalError, Options,
 def load_model(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[ModelConfig, Any, str]:
     """(config, params, kind) of `--model` through the one loader (`weights.load`); kind is
     "huggingface" for an HF directory and "gpt2_jax" for the project's own checkpoints."""
-    path = Path(path)
+    try:
+        path = storage.path(path)
+    except storage.StorageError as e:
+        raise EvalError(f"--model {e}") from None
     if not path.is_dir():
         raise EvalError(f"--model {path}: not a directory")
     try:
@@ -35,7 +38,10 @@ def load_model(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> tup
 def preflight(path: str | os.PathLike, batch_size: int) -> None:
     """Refuse, before any weight is read, a batch that cannot fit the local devices (the Scorer
     places the parameters FSDP over them and scores windows of up to n_ctx tokens)."""
-    path = Path(path)
+    try:
+        path = storage.path(path)
+    except storage.StorageError:
+        return  # load_model says why
     if not path.is_dir():
         return  # load_model says why
     try:
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", choices=["paper"], default=None,
                         help="'paper': add the GPT-2 paper's Table 3 figure for the model's size")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--output", default="eval_results.json", help="JSON report path (default eval_results.json)")
+    parser.add_argument("--output", default="eval_results.json", help="JSON report path, a gs:// or s3:// URL too (default eval_results.json)")
     parser.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or inf (refused by default)")
     args = parser.parse_args(argv)
     try:
@@ -119,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--stride {stride} exceeds the model's context n_ctx={config.n_ctx}")
         opts = Options(Path(args.data_dir), split=args.split, stride=stride, limit=args.limit,
                        dataset=args.dataset, cache_dir=args.cache_dir)
-        info = {"path": str(Path(args.model).absolute()), "kind": kind}
+        info = {"path": str(storage.path(args.model)), "kind": kind}
         report = evaluate(config, params, tasks, opts, batch_size=args.batch_size, model_info=info)
-        write_report(Path(args.output), report)
+        write_report(storage.path(args.output), report)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import jax
 
 from gpt2_jax import convert, memory, prompts, weights
 from gpt2_jax.checkpoint import CheckpointError
+from gpt2_jax.storage import StorageError
 from gpt2_jax.config import ConfigError
 from gpt2_jax.generate import EOT_ID, GenerationError, Generator, SamplingConfig, encode_prompt, prompt_bucket
 from gpt2_jax.tokenizer import get_tokenizer
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     expected = (GenerationError, ConfigError, convert.ConversionError, CheckpointError,
-                prompts.TaskError, OSError)
+                prompts.TaskError, StorageError, OSError)
     try:
         if args.task is None and args.prompt is None and args.prompt_file is None and not args.unconditional:
             raise GenerationError("give --prompt, --prompt-file, --unconditional or --task")

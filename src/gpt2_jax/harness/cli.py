@@ -8,6 +8,7 @@ import sys
 
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ConfigError
+from gpt2_jax.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_lm_eval(argv)
-    except (CheckpointError, ConfigError, OSError) as e:  # the model given as model= cannot be loaded
+    except (CheckpointError, ConfigError, StorageError, OSError) as e:  # the model given as model= cannot be loaded
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

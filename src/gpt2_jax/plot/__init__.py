@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gpt2_jax import files
+from gpt2_jax import files, storage
 
 METRICS_FILE = "metrics.jsonl"
 # The training loop's HellaSwag records (gpt2_jax.eval's three rules, in %), with their legend labels.
@@ -29,12 +29,12 @@ class PlotError(ValueError):
 def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
     """Records of RUN_DIR/metrics.jsonl in step order (the last record wins for a repeated step
     and key, as after a resume), and the number of unreadable lines skipped."""
-    path = Path(run_dir) / METRICS_FILE
+    path = storage.path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise PlotError(f"{path} not found: pass a run directory written by `python -m gpt2_jax.train`")
     by_step: dict[int, dict[str, Any]] = {}
     skipped = 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
         try:
@@ -76,7 +76,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     import matplotlib.pyplot as plt
 
     records, _ = read_metrics(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    out = storage.path(out) if out is not None else storage.path(run_dir) / "curves.png"
     hellaswag = [(label, _series(records, key)) for key, label in HELLASWAG_SERIES]
     hellaswag = [(label, series) for label, series in hellaswag if series[0]]
     n_panels = 4 if hellaswag else 3
@@ -103,7 +103,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         twin = ax.twinx()
         twin.plot(steps, [100 * m for m in mfu], color="tab:red", label="MFU")
         twin.set_ylabel("MFU (%)")
-    fig.suptitle(str(Path(run_dir).resolve().name))
+    fig.suptitle(storage.path(run_dir).name)
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100)

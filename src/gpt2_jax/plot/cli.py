@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from gpt2_jax.plot import PlotError, plot_run, read_metrics
+from gpt2_jax.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records, skipped = read_metrics(args.run_dir)
         out = plot_run(args.run_dir, args.out)
-    except (PlotError, OSError) as e:
+    except (PlotError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     note = f" ({skipped} unreadable lines skipped)" if skipped else ""

@@ -13,11 +13,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gpt2_jax import checkpoint, sharding
+from gpt2_jax import checkpoint, sharding, storage
 from gpt2_jax.checkpoint import CheckpointError, RunDirInUse
 from gpt2_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig, parse_overrides
 from gpt2_jax.data import DataError
 from gpt2_jax.sharding import ShardingError
+from gpt2_jax.storage import StorageError
 from gpt2_jax.train.config import MANAGED_MODEL_KEYS, TrainConfig, TrainingError, find_experiment, load_experiment, resolve_config
 from gpt2_jax.train.loop import train
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
         if tcfg.grad_accum:
             sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
-        run_dir = Path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
+        run_dir = storage.path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
         if args.dry_run:
             train(tcfg, mcfg, run_dir, dry_run=True)
             return 0
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if jax.process_index() == 0:
                 checkpoint.library_logs_at_exit_to(run_dir)
-    except (ConfigError, ShardingError, DataError, RunDirInUse) as e:
+    except (ConfigError, ShardingError, DataError, RunDirInUse, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError, OSError) as e:  # OSError: e.g. a run directory that is not writable

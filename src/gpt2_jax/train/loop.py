@@ -257,6 +257,7 @@ class PeriodicWork:
             metrics[checkpoint.BEST_METRIC] = self.progress.val_at[done]
         if self.ckpt.save(done, state, data_state=self.train_batches.get_state(), config=self.run_config, metrics=metrics):
             self.write(f"step {done:>6} | saving checkpoint to {self.ckpt.directory / str(done)}")
+        self.writer.flush()  # on an object store, the records up to this checkpoint are in metrics.jsonl
 
     def record(self, done: int, m: dict[str, float]) -> None:
         self.progress.final.update(step=done, loss=m["loss"], tokens_per_s=m["tokens_per_s"])

@@ -1,0 +1,90 @@
+"""A local GCS API for the tests: gcp-storage-emulator, plus the create-if-absent precondition.
+
+    python tests/object_store_server.py PORT
+
+gcp-storage-emulator (2026.7) departs from GCS in two ways that matter here, and this launcher
+restores GCS's documented behaviour before serving (everything else is the emulator's own):
+- it ignores `ifGenerationMatch`; GCS answers 412 Precondition Failed to an upload with
+  `ifGenerationMatch=0` when the object exists
+  (https://cloud.google.com/storage/docs/request-preconditions). The run-directory lock relies on it.
+- its media downloads lack the `x-goog-generation` header, which tensorstore's GCS driver reads.
+It also serves one connection at a time, so a client holding a keep-alive connection (gcsfs,
+tensorstore and the trainer's processes each hold some) blocks every other: it is served here by
+a threading HTTP server, one thread per connection, as any real endpoint answers concurrently.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from http import HTTPStatus, server as http_server
+
+from gcp_storage_emulator import server
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects
+
+
+def _with_precondition(handler, name_of):
+    def checked(request, response, storage, *args, **kwargs):
+        if request.query.get("ifGenerationMatch", [None])[0] == "0":
+            bucket, name = request.params.get("bucket_name"), name_of(request)
+            try:
+                storage.get_file_obj(bucket, name)
+            except NotFound:
+                pass
+            else:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+        return handler(request, response, storage, *args, **kwargs)
+    return checked
+
+
+def _upload_name(request):
+    if "name" in request.query:
+        return request.query["name"][0]
+    data = request.data
+    if isinstance(data, dict):
+        return (data.get("meta") or data).get("name")
+    return None
+
+
+def _with_generation_header(handler):
+    """Media downloads carry the object's generation in `x-goog-generation`, as GCS sends it
+    (tensorstore's reader requires it)."""
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            obj = None
+        if obj is not None:
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        return handler(request, response, storage, *args, **kwargs)
+    return download
+
+
+def main(port: int) -> None:
+    patched = {
+        objects.download: _with_generation_header(objects.download),
+        objects.insert: _with_precondition(objects.insert, _upload_name),
+        objects.xml_upload: _with_precondition(objects.xml_upload, lambda r: r.params.get("object_id")),
+    }
+    for _, methods in server.HANDLERS:
+        for method, handler in list(methods.items()):
+            methods[method] = patched.get(handler, handler)
+    objects.insert = patched[objects.insert]  # also reached by name for POSTs with an upload_id
+    objects.download = patched[objects.download]  # and by name from `get` with alt=media
+    def serve(thread):
+        thread._httpd = http_server.ThreadingHTTPServer((thread._host, thread._port), partial(server.RequestHandler, thread._storage))
+        thread._httpd.daemon_threads = True
+        thread.is_running.set()
+        thread._httpd.serve_forever()
+
+    server.APIThread.run = serve
+    srv = server.create_server("127.0.0.1", port, in_memory=True)
+    print("ready", flush=True)
+    srv.run()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
