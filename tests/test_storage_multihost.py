@@ -1,0 +1,94 @@
+"""A pod's run on a bucket, as two processes on this machine (gloo) against a local GCS API: the run
+directory and the token store at gs:// URLs, both processes SIGKILLed mid-run, the resume's losses
+bit-identical to a straight run's, then eval and generate reading the run from the bucket."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_jax import checkpoint, storage
+from helpers import run_losses
+from test_train_multiprocess import TRAIN_ARGS, _free_port
+
+ARGS = [*TRAIN_ARGS, "steps=6", "ckpt_async=false"]  # synchronous saves: step 3's is complete before step 4
+
+
+def _start(run_dir: str, env: dict, *extra: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "gpt2_jax.train", *ARGS, *extra, f"run_dir={run_dir}",
+             "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _finish(procs) -> str:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs[0]
+
+
+@pytest.mark.slow
+def test_pod_run_on_a_bucket_killed_and_resumed_exactly(gcs, tmp_path, shared_data):
+    from gpt2_jax.data import prepare
+
+    bucket = gcs.bucket()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", GPT2_JAX_DATA_DIR=str(shared_data),
+        GPT2_JAX_CACHE_DIR=str(tmp_path / "local-cache"), **gcs.env,
+    )
+    os.environ["GPT2_JAX_DATA_DIR"] = str(shared_data)
+    store = str(prepare("tiny_shakespeare", cache_dir=f"{bucket}/cache", workers=1, progress=False))
+    assert store.startswith(f"{bucket}/cache/tokens/")
+    data = [f"dataset={store}"]
+
+    reference = f"{bucket}/straight"
+    _finish(_start(reference, env, *data))
+    straight = run_losses(reference)
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+
+    run = f"{bucket}/run"
+    procs = _start(run, env, *data)
+    for line in procs[0].stdout:  # process 0 reports; kill both once step 5 is done
+        if line.startswith("step      5 | loss"):
+            break
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    ckpts = storage.path(run) / "checkpoints"
+    assert 3 in checkpoint.complete_steps(ckpts) and 6 not in checkpoint.complete_steps(ckpts)
+    assert storage.path(f"{run}/.lock").exists()  # the killed holder's lease is still there
+
+    out = _finish(_start(run, env, *data))
+    assert "resumed from checkpoint step 3" in out and "took over the run directory" in out, out[-3000:]
+    assert run_losses(run) == straight  # bit for bit, and each step once
+    assert not storage.path(f"{run}/.lock").exists()
+    history = checkpoint.read_history(run)
+    assert [h["start_step"] for h in history] == [0, 3]
+
+    # The run is a model wherever --model is accepted: eval and generate read it from the bucket.
+    for name in ("run", "straight"):
+        cmd = [sys.executable, "-m", "gpt2_jax.eval", "--model", f"{bucket}/{name}", "--task", "wikitext2", "--split", "valid",
+               "--limit", "2", "--output", f"{bucket}/{name}-eval.json"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(storage.path(f"{bucket}/{n}-eval.json").read_text()) for n in ("run", "straight")]
+    assert reports[0]["tasks"] == reports[1]["tasks"]
+    texts = []
+    for name in ("run", "straight"):
+        cmd = [sys.executable, "-m", "gpt2_jax.generate", "--model", f"{bucket}/{name}", "--prompt", "ROMEO:",
+               "--max-new-tokens", "8", "--greedy"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        texts.append(done.stdout)
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO:")
