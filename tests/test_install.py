@@ -51,6 +51,16 @@ def test_harness_extra_is_lm_eval():
     assert "lm-eval" in {r.name for r in requirements(extras["test"])}
 
 
+def test_object_store_extras():
+    """`pip install -e ".[tpu,gcs]"` / `".[s3]"`: the fsspec file system of each store, and the test
+    extra has both plus the local servers tests/test_storage*.py run against."""
+    extras = setup_cfg()["options.extras_require"]
+    assert [r.name for r in requirements(extras["gcs"])] == ["gcsfs"]
+    assert [r.name for r in requirements(extras["s3"])] == ["s3fs"]
+    assert {"gcsfs", "s3fs", "gcp-storage-emulator", "moto"} <= {r.name for r in requirements(extras["test"])}
+    assert {"gcsfs", "s3fs"}.isdisjoint(r.name for r in requirements(setup_cfg()["options"]["install_requires"]))
+
+
 def test_accelerator_extras_name_jax_extras():
     extras = setup_cfg()["options.extras_require"]
     assert set(ACCEL_EXTRAS) <= set(extras)

@@ -93,6 +93,15 @@ COVERAGE = {
     "python -m gpt2_jax.harness --model gpt2_jax --model_args model=runs/gpt2-124m --tasks hellaswag,arc_easy,piqa,winogrande": [
         "tests/test_harness.py::test_lm_eval_command_line"],
     'pip install -e ".[harness]"': ["tests/test_install.py::test_harness_extra_is_lm_eval"],
+    # A TPU pod with a bucket: the same commands against a local GCS emulator.
+    'pip install -e ".[tpu,gcs]"': ["tests/test_install.py::test_object_store_extras",
+                                    "tests/test_install.py::test_accelerator_extras_name_jax_extras"],
+    "python -m gpt2_jax.data prepare --dataset openwebtext --manual-dir /data --cache-dir gs://my-bucket/cache": [
+        "tests/test_storage_data.py::test_prepare_uploads_shards_then_manifest",
+        "tests/test_data.py::test_openwebtext_layouts_with_held_out_subsets"],
+    "python -m gpt2_jax.train medium run_dir=gs://my-bucket/runs/medium dataset=gs://my-bucket/cache/tokens/openwebtext": [
+        "tests/test_storage_multihost.py::test_pod_run_on_a_bucket_killed_and_resumed_exactly",
+        "tests/test_storage.py::test_training_run_round_trip_on_a_bucket"],
     "python -m gpt2_jax.harness --model gpt2_jax --model_args model=runs/tiny-... --tasks hellaswag,lambada_openai --batch_size 16": [
         "tests/test_harness.py::test_lm_eval_command_line", "tests/test_harness.py::test_every_figure_equals_lm_eval_hf_backend"],
 }
