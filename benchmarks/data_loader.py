@@ -1,18 +1,64 @@
 """Loader throughput: tokens/s delivered by TrainLoader and eval_batches from a token store.
 
     python benchmarks/data_loader.py --seq-len 256 --batch-size 8
+    python benchmarks/data_loader.py --gcs-emulator       # the store on a local GCS emulator
 
-Prepares Tiny Shakespeare (offline from $GPT2_JAX_DATA_DIR) into a temporary cache, then times
---batches training batches (after a warm-up batch) and one pass of eval_batches over validation.
+Prepares Tiny Shakespeare (offline from $GPT2_JAX_DATA_DIR) into --cache-dir (default: a temporary
+local directory; a gs:// or s3:// URL puts the token store on that bucket), then times --batches
+training batches (after a warm-up batch) and one pass of eval_batches over validation.
+--gcs-emulator starts tests/object_store_server.py (gcp-storage-emulator, a single-threaded Python
+server) on a free port, points gcsfs at it (STORAGE_EMULATOR_HOST) and uses gs://bench/cache.
 """
 
 import argparse
+import contextlib
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 from gpt2_jax.data import TrainLoader, eval_batches, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def gcs_emulator():
+    """A local GCS API with an empty bucket; yields its gs:// cache URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # The emulator's HTTPServer keeps Python's listen backlog of 5: more concurrent ranged reads than
+    # that lose their SYN and wait a second for TCP to resend it (real GCS has no such limit).
+    serve = ("import runpy, socketserver, sys; socketserver.TCPServer.request_queue_size = 256; "
+             "sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", serve, str(ROOT / "tests" / "object_store_server.py"), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/", timeout=1)
+                break
+            except OSError as e:
+                if getattr(e, "code", None):  # an HTTP error: the server answers
+                    break
+                time.sleep(0.1)
+        # Read by gcsfs on import: without it gcsfs probes the emulator over gRPC for a minute.
+        os.environ.update(STORAGE_EMULATOR_HOST=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+        import fsspec
+
+        fsspec.filesystem("gs").mkdir("bench")
+        yield "gs://bench/cache"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def main(argv=None):
@@ -21,17 +67,28 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     parser.add_argument("--batches", type=int, default=2000, help="training batches to time (default 2000)")
     parser.add_argument("--threads", type=int, default=2, help="Grain read threads (default 2)")
+    parser.add_argument("--prefetch", type=int, default=8, help="batches Grain reads ahead (default 8)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cache-dir", help="where the store is prepared: a directory, gs:// or s3:// URL "
+                                           "(default: a temporary directory)")
+    where.add_argument("--gcs-emulator", action="store_true", help="prepare the store on a local GCS emulator")
     args = parser.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        store = prepare("tiny_shakespeare", cache_dir=tmp, workers=1, progress=False)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        os.environ.setdefault("GPT2_JAX_BUILD_DIR", tmp)  # TFDS builds for a URL cache dir
+        cache = stack.enter_context(gcs_emulator()) if args.gcs_emulator else args.cache_dir or tmp
+        store = prepare("tiny_shakespeare", cache_dir=cache, workers=1, progress=False)
+        print(f"store {store}")
         for seq_len in args.seq_len:
-            loader = TrainLoader(store, seq_len=seq_len, batch_size=args.batch_size, seed=0, num_threads=args.threads)
+            loader = TrainLoader(store, seq_len=seq_len, batch_size=args.batch_size, seed=0, num_threads=args.threads,
+                                 prefetch=args.prefetch)
             next(loader)
             t = time.perf_counter()
             for _ in range(args.batches):
                 next(loader)
             dt = time.perf_counter() - t
+            loader.close()
             rate = args.batches * args.batch_size * seq_len / dt
             print(f"TrainLoader  seq_len {seq_len:5d} batch {args.batch_size}: {rate:14,.0f} tokens/s "
                   f"({args.batches / dt:,.0f} batches/s)")

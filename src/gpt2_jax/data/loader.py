@@ -111,6 +111,10 @@ class TrainLoader:
     def __next__(self) -> np.ndarray:
         return next(self._iter)
 
+    def close(self) -> None:
+        """Stop Grain's read-ahead threads (before the store they read from goes away)."""
+        self._iter.close()
+
     def _identity(self) -> dict[str, Any]:
         return {"store": self.tokens.fingerprint, "split": self.tokens.split, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "seed": self.seed, "shard_index": self.shard_index,
