@@ -34,12 +34,9 @@ def gcs_emulator():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    # The emulator's HTTPServer keeps Python's listen backlog of 5: more concurrent ranged reads than
-    # that lose their SYN and wait a second for TCP to resend it (real GCS has no such limit).
-    serve = ("import runpy, socketserver, sys; socketserver.TCPServer.request_queue_size = 256; "
-             "sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.Popen([sys.executable, "-c", serve, str(ROOT / "tests" / "object_store_server.py"), str(port)],
+    # tests/object_store_server.py: the emulator with GCS's preconditions, one thread per connection
+    # and a listen backlog of 256 (Python's default of 5 drops bursts of concurrent ranged reads).
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "object_store_server.py"), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):

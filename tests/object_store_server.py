@@ -75,6 +75,9 @@ def main(port: int) -> None:
     objects.insert = patched[objects.insert]  # also reached by name for POSTs with an upload_id
     objects.download = patched[objects.download]  # and by name from `get` with alt=media
     def serve(thread):
+        # Python's default listen backlog (5) makes a burst of concurrent ranged reads wait a second
+        # for TCP to retry; a real endpoint takes them all.
+        http_server.ThreadingHTTPServer.request_queue_size = 256
         thread._httpd = http_server.ThreadingHTTPServer((thread._host, thread._port), partial(server.RequestHandler, thread._storage))
         thread._httpd.daemon_threads = True
         thread.is_running.set()
