@@ -10,12 +10,15 @@ restores GCS's documented behaviour before serving (everything else is the emula
 - its media downloads lack the `x-goog-generation` header, which tensorstore's GCS driver reads.
 It also serves one connection at a time, so a client holding a keep-alive connection (gcsfs,
 tensorstore and the trainer's processes each hold some) blocks every other: it is served here by
-a threading HTTP server, one thread per connection, as any real endpoint answers concurrently.
+a threading HTTP server, one thread per connection. Its in-memory storage is not safe for
+concurrent requests (a resumable upload could lose its upload id), so requests still run one at a
+time, under one lock, once their headers have arrived.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from functools import partial
 from http import HTTPStatus, server as http_server
 
@@ -63,6 +66,13 @@ def _with_generation_header(handler):
     return download
 
 
+def _serialized(method, lock):
+    def handle(self, *args, **kwargs):
+        with lock:
+            return method(self, *args, **kwargs)
+    return handle
+
+
 def main(port: int) -> None:
     patched = {
         objects.download: _with_generation_header(objects.download),
@@ -84,6 +94,11 @@ def main(port: int) -> None:
         thread._httpd.serve_forever()
 
     server.APIThread.run = serve
+    lock = threading.Lock()
+    for name in ("do_GET", "do_POST", "do_PUT", "do_DELETE", "do_PATCH", "do_HEAD"):
+        method = getattr(server.RequestHandler, name, None)
+        if method is not None:
+            setattr(server.RequestHandler, name, _serialized(method, lock))
     srv = server.create_server("127.0.0.1", port, in_memory=True)
     print("ready", flush=True)
     srv.run()

@@ -2,11 +2,13 @@
 directory and the token store at gs:// URLs, both processes SIGKILLed mid-run, the resume's losses
 bit-identical to a straight run's, then eval and generate reading the run from the bucket."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -59,12 +61,24 @@ def test_pod_run_on_a_bucket_killed_and_resumed_exactly(gcs, tmp_path, shared_da
 
     run = f"{bucket}/run"
     procs = _start(run, env, *data)
+
+    def kill():
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(600, kill)  # a hung run fails this test instead of hanging the suite
+    watchdog.start()
+    seen = []
     for line in procs[0].stdout:  # process 0 reports; kill both once step 5 is done
-        if line.startswith("step      5 | loss"):
+        seen.append(line)
+        if "step      5 | loss" in line:
             break
+    watchdog.cancel()
+    kill()
     for p in procs:
-        os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+    assert "step      5 | loss" in seen[-1], "".join(seen)[-3000:]
     ckpts = storage.path(run) / "checkpoints"
     assert 3 in checkpoint.complete_steps(ckpts) and 6 not in checkpoint.complete_steps(ckpts)
     assert storage.path(f"{run}/.lock").exists()  # the killed holder's lease is still there
