@@ -6,20 +6,17 @@
 Prepares Tiny Shakespeare (offline from $GPT2_JAX_DATA_DIR) into --cache-dir (default: a temporary
 local directory; a gs:// or s3:// URL puts the token store on that bucket), then times --batches
 training batches (after a warm-up batch) and one pass of eval_batches over validation.
---gcs-emulator starts tests/object_store_server.py (gcp-storage-emulator, a single-threaded Python
-server) on a free port, points gcsfs at it (STORAGE_EMULATOR_HOST) and uses gs://bench/cache.
+--gcs-emulator starts tests/object_store_server.py (gcp-storage-emulator in memory) on a free port,
+points gcsfs and tensorstore at it and uses a new bucket's cache/ folder.
 """
 
 import argparse
 import contextlib
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from gpt2_jax.data import TrainLoader, eval_batches, prepare
@@ -29,33 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def gcs_emulator():
-    """A local GCS API with an empty bucket; yields its gs:// cache URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    # tests/object_store_server.py: the emulator with GCS's preconditions, one thread per connection
-    # and a listen backlog of 256 (Python's default of 5 drops bursts of concurrent ranged reads).
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "object_store_server.py"), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/", timeout=1)
-                break
-            except OSError as e:
-                if getattr(e, "code", None):  # an HTTP error: the server answers
-                    break
-                time.sleep(0.1)
-        # Read by gcsfs on import: without it gcsfs probes the emulator over gRPC for a minute.
-        os.environ.update(STORAGE_EMULATOR_HOST=url, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
-        import fsspec
+    """A local GCS API (tests/object_store_server.py) with an empty bucket; yields its gs:// cache URL."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from object_store_server import ObjectStore
 
-        fsspec.filesystem("gs").mkdir("bench")
-        yield "gs://bench/cache"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with ObjectStore("gs") as store:
+        yield f"{store.bucket()}/cache"
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
-"""A local GCS API for the tests: gcp-storage-emulator, plus the create-if-absent precondition.
+"""Local object stores for the tests: a GCS API (gcp-storage-emulator, plus GCS's create-if-absent
+precondition) and moto's S3 server, each started in a subprocess by `ObjectStore`.
 
-    python tests/object_store_server.py PORT
+    python tests/object_store_server.py PORT     # the GCS API alone
 
 gcp-storage-emulator (2026.7) departs from GCS in two ways that matter here, and this launcher
 restores GCS's documented behaviour before serving (everything else is the emulator's own):
@@ -17,8 +18,13 @@ time, under one lock, once their headers have arrived.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from functools import partial
 from http import HTTPStatus, server as http_server
 
@@ -102,6 +108,74 @@ def main(port: int) -> None:
     srv = server.create_server("127.0.0.1", port, in_memory=True)
     print("ready", flush=True)
     srv.run()
+
+
+class ObjectStore:
+    """A local object-store server in a subprocess (GCS: this module's `main`; S3: moto's server),
+    and the environment that points gcsfs, s3fs and tensorstore at it, set while it runs. Used by
+    the tests' `gcs` and `s3` fixtures and by benchmarks/data_loader.py --gcs-emulator."""
+
+    def __init__(self, kind: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        if kind == "gs":
+            cmd = [sys.executable, __file__, str(port)]
+            self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+                        # gcsfs's gRPC probe for hierarchical-namespace buckets waits a minute offline.
+                        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                        # No credentials to look for (fsspec reads FSSPEC_<PROTOCOL>_<ARG> at import).
+                        "FSSPEC_GCS_TOKEN": "anon"}
+        else:
+            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+            self.env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+        self.kind, self.url = kind, url
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=1)
+                break
+            except OSError as e:
+                if getattr(e, "code", None):  # an HTTP error: the server answers
+                    break
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"{kind} test server did not start (exit {self.proc.poll()})") from e
+                time.sleep(0.2)
+        os.environ.update(self.env)
+        if kind == "gs":
+            import fsspec
+
+            fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"  # this process imported fsspec already
+        self._n = 0
+
+    def bucket(self) -> str:
+        """A new empty bucket; returns its URL (gs://NAME or s3://NAME)."""
+        import fsspec
+
+        self._n += 1
+        name = f"bkt{self._n}-{os.getpid()}"
+        fs = fsspec.filesystem(self.kind, **({"token": "anon"} if self.kind == "gs" else {}))
+        fs.mkdir(name)
+        return f"{self.kind}://{name}"
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        for k in self.env:
+            os.environ.pop(k, None)
+        if self.kind == "gs":
+            import fsspec
+
+            fsspec.config.conf.get("gcs", {}).pop("token", None)
 
 
 if __name__ == "__main__":

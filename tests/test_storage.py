@@ -48,7 +48,7 @@ def test_whole_object_writes_append_and_create_if_absent(gcs):
         (tmp / "sub" / "a.bin").write_bytes(b"\x00" * 10)
         (tmp / "config.json").write_text("{}")
     assert sorted(p.name for p in storage.path(f"{bucket}/tree").iterdir()) == ["config.json", "sub"]
-    assert storage.read_ranges(f"{bucket}/tree/sub/a.bin", [(2, 5), (0, 1)]) == [b"\x00" * 3, b"\x00"]
+    assert storage.read_ranges([f"{bucket}/tree/sub/a.bin"] * 2, [2, 0], [5, 1]) == [b"\x00" * 3, b"\x00"]
 
 
 def test_run_lock_on_a_bucket(gcs, monkeypatch):

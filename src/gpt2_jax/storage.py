@@ -30,7 +30,7 @@ import posixpath
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Union
 
 SCHEMES = {"gs": "gcs", "s3": "s3"}  # URL scheme -> the gpt2_jax extra that provides it
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -201,16 +201,6 @@ def tree_bytes(p: AnyPath) -> int:
     return total
 
 
-def read_ranges(p: AnyPath, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
-    """Bytes [start, stop) of file `p` for each range, fetched concurrently from an object store."""
-    ranges = list(ranges)
-    if not ranges:
-        return []
-    fs, inner = fs_path(p)
-    starts, stops = zip(*ranges)
-    return fs.cat_ranges([inner] * len(ranges), list(starts), list(stops))
-
-
 def upload(local: str | os.PathLike, p: AnyPath) -> None:
     """Copy local file `local` to `p` (one object per file)."""
     fs, inner = fs_path(p)
@@ -227,7 +217,7 @@ def local_copy(p: AnyPath):
         yield Path(tmp)
 
 
-def read_ranges_many(files: list, starts: list[int], stops: list[int]) -> list[bytes]:
+def read_ranges(files: list, starts: list[int], stops: list[int]) -> list[bytes]:
     """Bytes [starts[i], stops[i]) of files[i] (URLs on one object store), all fetched concurrently."""
     if not files:
         return []
@@ -240,13 +230,10 @@ def file_sizes(p: AnyPath) -> dict[str, int]:
     """{name: bytes} of the files directly in directory `p` (one listing on an object store)."""
     if is_url(p):
         fs, inner = fs_path(p)
-        try:
-            entries = fs.ls(inner, detail=True, refresh=True)
+        try:  # listed afresh: fsspec's listing cache is off for these stores (_no_listing_cache)
+            entries = fs.ls(inner, detail=True)
         except FileNotFoundError:
             return {}
-        finally:
-            # A cached listing would hide objects written later (by any process) from `size`/`exists`.
-            fs.invalidate_cache(inner)
         return {posixpath.basename(e["name"].rstrip("/")): int(e["size"]) for e in entries if e.get("type") == "file"}
     try:
         return {e.name: e.stat().st_size for e in os.scandir(p) if e.is_file()}

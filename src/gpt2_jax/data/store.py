@@ -180,7 +180,7 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
         store.mkdir(parents=True, exist_ok=True)
     manifest_path = store / MANIFEST
     tok_hash = tokenizer.tokenizer_hash()
-    names = sorted(storage.file_sizes(store))  # listed here, not by glob: see storage.file_sizes
+    names = sorted(storage.file_sizes(store))  # one listing, on a disk or a bucket
     for meta in [store / n for n in names if n.endswith(".json")]:
         found = _read_json(meta)
         if isinstance(found, dict):
@@ -355,7 +355,7 @@ class SplitTokens:
             else:
                 merged.append([shard, lo, hi])
             where[k] = len(merged) - 1
-        blobs = storage.read_ranges_many([self.shards[m[0]] for m in merged], [m[1] * DTYPE.itemsize for m in merged],
+        blobs = storage.read_ranges([self.shards[m[0]] for m in merged], [m[1] * DTYPE.itemsize for m in merged],
                                          [m[2] * DTYPE.itemsize for m in merged])
         arrays = []
         for (shard, lo, hi), blob in zip(merged, blobs):
@@ -367,17 +367,8 @@ class SplitTokens:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) as int32 (crossing shard boundaries where needed)."""
-        if self.remote:
-            parts = self._fetch(self._pieces(start, stop))
-            return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
-        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        parts = []
-        while start < stop:
-            lo = start - int(self.offsets[i])
-            hi = min(stop, int(self.offsets[i + 1])) - int(self.offsets[i])
-            parts.append(self.shards[i][lo:hi])
-            start += hi - lo
-            i += 1
+        pieces = self._pieces(start, stop)
+        parts = self._fetch(pieces) if self.remote else [self.shards[i][lo:hi] for i, lo, hi in pieces]
         if not parts:
             return np.zeros(0, np.int32)
         return np.concatenate(parts).astype(np.int32) if len(parts) > 1 else parts[0].astype(np.int32)
