@@ -1,6 +1,9 @@
 """JSON-lines files from users (evaluation sets, fine-tuning pairs, prompt tasks): one JSON object
 per line, blank lines skipped, and every problem reported as one line naming the file and line.
-`read_document` reads a file that is one JSON document (CoQA's format) with the same checks."""
+`read_document` reads a file that is one JSON document (CoQA's format) with the same checks.
+
+The project's own logs (a run's metrics.jsonl and config_history.jsonl) are read with
+`read_tolerant` instead: a line cut short by a kill is skipped, not an error."""
 
 from __future__ import annotations
 
@@ -8,7 +11,30 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from gpt2_jax import storage
+
 MAX_BYTES = 1 << 30  # larger files are refused rather than read into memory
+
+
+def read_tolerant(path) -> tuple[list[dict[str, Any]], int]:
+    """(the JSON objects of a JSON-lines log, in file order; the number of non-blank lines that are
+    not objects). A missing file has none. `path` may be a gs:// or s3:// URL."""
+    path = storage.path(path)
+    if not path.is_file():
+        return [], 0
+    records, skipped = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    return records, skipped
 
 
 def _checked(path: str | Path, error: type[Exception], what: str) -> Path:
