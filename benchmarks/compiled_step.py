@@ -9,10 +9,10 @@ experiment settings (scanned layers, vocabulary padded to 50,304) with bfloat16 
 1,024-token sequence per device (8 per step), one micro-batch. From the compiled program:
 
 - FLOPs: XLA's `cost_analysis()` (per device, a while loop's body counted once) and the optimized
-  HLO walked by `gpt2_jax.costs.hlo_cost` (XLA's counting rules, loop bodies x trip count), both
+  HLO walked by `gpt2_jax.hlo.hlo_cost` (XLA's counting rules, loop bodies x trip count), both
   x 8 devices, against `costs.flops_per_token(cfg, T) x tokens`.
-- Collectives: bytes sent per device per step of each kind (`costs.hlo_collectives`, ring
-  convention) against `costs.collective_theory`, raw and with XLA:CPU's all-reduce +
+- Collectives: bytes sent per device per step of each kind (`hlo.hlo_collectives`, ring
+  convention) against `hlo_theory.collective_theory`, raw and with XLA:CPU's all-reduce +
   dynamic-slice pairs counted as the reduce-scatters GPU/TPU compilers make of them.
 - Peak memory per device: arguments + outputs - aliased + temporaries (`memory_analysis()`).
 
@@ -27,7 +27,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from gpt2_jax import costs, optim, sharding, step, train  # noqa: E402
+from gpt2_jax import costs, hlo, optim, sharding, step, train  # noqa: E402
+from gpt2_jax.hlo import theory as hlo_theory  # noqa: E402
 from gpt2_jax.config import replace  # noqa: E402
 
 MESHES = {"fsdp": (1, 8, 1), "fsdp_tp": (1, 4, 2)}
@@ -54,12 +55,12 @@ def measure(size: str, strategy: str, remat: str) -> dict:
     xla = compiled.cost_analysis()
     xla = xla[0] if isinstance(xla, (list, tuple)) else xla
     text = compiled.as_text()
-    walked = costs.hlo_cost(text)
-    collectives = costs.hlo_collectives(text)
+    walked = hlo.hlo_cost(text)
+    collectives = hlo.hlo_collectives(text)
     # XLA:CPU's float-normalization pass widens every bf16 collective to f32, so on CPU the theory
     # is taken in float32; elsewhere in the compute dtype the partitioner emits.
     elem = 4 if jax.default_backend() == "cpu" else None
-    theory = costs.collective_theory(
+    theory = hlo_theory.collective_theory(
         mcfg, strategy, mesh_shape, batch_size, seq_len, param_bytes=elem, grad_bytes=elem, act_bytes=elem
     )
     m = compiled.memory_analysis()
@@ -69,8 +70,8 @@ def measure(size: str, strategy: str, remat: str) -> dict:
         "xla_flops": xla["flops"] * n_dev,
         "hlo_flops": walked["flops"] * n_dev,
         "dot_flops": walked["dot_flops"] * n_dev,
-        "raw": costs.collective_bytes(collectives),
-        "as_rs": costs.collective_bytes(collectives, slices_as_reduce_scatter=True),
+        "raw": hlo.collective_bytes(collectives),
+        "as_rs": hlo.collective_bytes(collectives, slices_as_reduce_scatter=True),
         "dtypes": sorted({d for c in collectives for d in c.dtypes}),
         "theory": theory.by_kind(),
         "peak": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes,

@@ -9,8 +9,8 @@ simulated CPU devices on four meshes (nothing is allocated). Variants:
   layout  the table first constrained to the head's layout (rows over `tensor`, embed gathered) in
           the compute dtype, then `jnp.take` (what the model does: see GPT2.__call__);
   onehot  a one-hot [B, T, V] matrix multiplied by the table in that layout.
-Per device: FLOPs (while loops counted by trip count, `costs.hlo_cost`), collective bytes (ring
-convention, `costs.hlo_collectives`), temporaries (`memory_analysis()`), and how many times XLA
+Per device: FLOPs (while loops counted by trip count, `hlo.hlo_cost`), collective bytes (ring
+convention, `hlo.hlo_collectives`), temporaries (`memory_analysis()`), and how many times XLA
 logged an involuntary full rematerialization.
 """
 
@@ -27,7 +27,7 @@ import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from gpt2_jax import costs, sharding  # noqa: E402
+from gpt2_jax import hlo, sharding  # noqa: E402
 from gpt2_jax.config import get_model_config  # noqa: E402
 
 MESHES = [((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"), ((1, 4, 2), "fsdp_tp"), ((2, 2, 2), "fsdp_tp")]
@@ -73,15 +73,15 @@ def main(argv=None) -> int:
         tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
         for variant in ("plain", "layout", "onehot"):
             fn = sharding.sharded_jit(table_grad(variant, V), mesh, rules)
-            compiled, log = costs.compile_logged(lambda: fn.lower(wte, tokens))
+            compiled, log = hlo.compile_logged(lambda: fn.lower(wte, tokens))
             text = compiled.as_text()
-            flops = costs.hlo_cost(text)["flops"]
-            moved = costs.collective_bytes(costs.hlo_collectives(text))
+            flops = hlo.hlo_cost(text)["flops"]
+            moved = hlo.collective_bytes(hlo.hlo_collectives(text))
             other = sum(v for k, v in moved.items() if k not in ("all-gather", "all-reduce"))
             temp = compiled.memory_analysis().temp_size_in_bytes
             print(
                 f"| {','.join(map(str, shape))} | {strategy} | {variant} | {flops / 1e9:.1f} | {moved['all-gather'] / 2**20:.1f} | "
-                f"{moved['all-reduce'] / 2**20:.1f} | {other / 2**20:.1f} | {temp / 2**20:.1f} | {log.count(costs.INVOLUNTARY_REMAT)} |",
+                f"{moved['all-reduce'] / 2**20:.1f} | {other / 2**20:.1f} | {temp / 2**20:.1f} | {log.count(hlo.INVOLUNTARY_REMAT)} |",
                 flush=True,
             )
     return 0

@@ -1,5 +1,6 @@
-"""The compiled train step against theory (gpt2_jax.costs): the HLO reader on a hand-written module,
-then FLOPs and collective bytes of real compiled steps for a small scanned model on 8 CPU devices.
+"""The compiled train step against theory (gpt2_jax.hlo, gpt2_jax.hlo.theory): the HLO reader on a
+hand-written module, then FLOPs and collective bytes of real compiled steps for a small scanned
+model on 8 CPU devices.
 
 Nothing is executed: each train step is only lowered and compiled.
 """
@@ -9,7 +10,8 @@ import math
 import jax
 import pytest
 
-from gpt2_jax import costs, optim, sharding, step
+from gpt2_jax import costs, hlo, optim, sharding, step
+from gpt2_jax.hlo import theory as hlo_theory
 from gpt2_jax.config import get_model_config
 
 # ---------------------------------------------------------------------------------------------
@@ -92,21 +94,21 @@ def by_name(collectives):
 
 
 def test_parse_hlo_reads_computations_shapes_and_trip_counts():
-    module = costs.parse_hlo(HLO)
+    module = hlo.parse_hlo(HLO)
     assert module.entry == "main" and module.num_partitions == 8
     assert set(module.computations) == {
         "add", "fused_dot", "body", "cond", "wrapped_reduce_scatter", "slice_fusion", "main"
     }
     loop = next(i for i in module.computations["main"] if i.name == "loop")
-    assert loop.opcode == "while" and costs.trip_count(loop) == 5
+    assert loop.opcode == "while" and hlo.trip_count(loop) == 5
     assert loop.called("body") == ["body"] and loop.called("condition") == ["cond"]
     start = next(i for i in module.computations["main"] if i.name == "ag-start")
     assert [a.dims for a in start.shape] == [(4, 16), (4, 64)]
-    assert costs.parse_shape("(bf16[2,3]{1,0}, s32[])")[0].bytes == 12
+    assert hlo.parse_shape("(bf16[2,3]{1,0}, s32[])")[0].bytes == 12
 
 
 def test_collectives_count_loop_bodies_times_trip_count_and_async_pairs_once():
-    found = costs.hlo_collectives(HLO)
+    found = hlo.hlo_collectives(HLO)
     assert sorted(c.name for c in found) == ["ag-start", "ar", "gathered", "rs"]  # no -done, no async wrapper
     c = by_name(found)
     # all-gather inside the loop: gathered array 4x128 f32 = 2,048 bytes, 8 devices, 5 trips
@@ -121,25 +123,25 @@ def test_collectives_count_loop_bodies_times_trip_count_and_async_pairs_once():
     # reduce-scatter in an async wrapper: input = result x group (mesh groups over both axes: 8)
     assert (c["rs"].kind, c["rs"].group, c["rs"].full_bytes) == ("reduce-scatter", 8, 512)
     assert c["rs"].bytes_per_step == pytest.approx(7 / 8 * 512)
-    totals = costs.collective_bytes(found)
+    totals = hlo.collective_bytes(found)
     assert totals["all-gather"] == pytest.approx(5 * 7 / 8 * 2048 + 3 / 4 * 1024)
     assert totals["collective-permute"] == totals["all-to-all"] == 0
 
 
 def test_all_reduce_whose_uses_only_take_a_shard_counts_as_reduce_scatter_on_request():
-    c = by_name(costs.hlo_collectives(HLO))
+    c = by_name(hlo.hlo_collectives(HLO))
     # %ar.0 (1,024 bytes) reaches a 1/8 dynamic-slice through a fusion and a negate; %ar.1 is returned whole
     assert c["ar"].sliced_bytes == 1024
-    raw = costs.collective_bytes(list(c.values()))
-    as_rs = costs.collective_bytes(list(c.values()), slices_as_reduce_scatter=True)
+    raw = hlo.collective_bytes(list(c.values()))
+    as_rs = hlo.collective_bytes(list(c.values()), slices_as_reduce_scatter=True)
     assert as_rs["all-reduce"] == pytest.approx(2 * 7 / 8 * 64)
     assert as_rs["reduce-scatter"] == pytest.approx(raw["reduce-scatter"] + 7 / 8 * 1024)
     assert as_rs["all-gather"] == raw["all-gather"]
 
 
 def test_hlo_cost_multiplies_while_bodies_by_their_trip_count():
-    with_trips = costs.hlo_cost(HLO)
-    once = costs.hlo_cost(HLO, use_trip_counts=False)
+    with_trips = hlo.hlo_cost(HLO)
+    once = hlo.hlo_cost(HLO, use_trip_counts=False)
     dot = 2 * 4 * 16 * 128  # 2 FLOPs per multiply-add, inside the fusion in the loop body
     assert with_trips["dot_flops"] == 5 * dot and once["dot_flops"] == dot
     # + the loop counter's add and the condition's compare per trip, the reduce (3 x 16 adds),
@@ -149,24 +151,24 @@ def test_hlo_cost_multiplies_while_bodies_by_their_trip_count():
 
 
 def test_replica_group_spellings_and_missing_trip_count():
-    module = costs.parse_hlo(HLO)
+    module = hlo.parse_hlo(HLO)
     line = "  %g = f32[8]{0} all-gather(%x), replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}"
-    assert costs.group_size(costs._parse_instruction(line), module) == 4
+    assert hlo.group_size(hlo._parse_instruction(line), module) == 4
     line = "  %g = f32[8]{0} all-gather(%x), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dimensions={0}"
-    assert costs.group_size(costs._parse_instruction(line), module) == 4
+    assert hlo.group_size(hlo._parse_instruction(line), module) == 4
     line = "  %g = f32[8]{0} all-reduce(%x), replica_groups={}, to_apply=%add"
-    assert costs.group_size(costs._parse_instruction(line), module) == 8
-    with pytest.raises(costs.HloParseError, match="known_trip_count"):
-        costs.hlo_cost(HLO.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""))
+    assert hlo.group_size(hlo._parse_instruction(line), module) == 8
+    with pytest.raises(hlo.HloParseError, match="known_trip_count"):
+        hlo.hlo_cost(HLO.replace(', backend_config={"known_trip_count":{"n":"5"}}', ""))
 
 
 def test_ring_convention():
-    assert costs.ring_bytes("all-gather", 800, 8) == 700
-    assert costs.ring_bytes("reduce-scatter", 800, 8) == 700
-    assert costs.ring_bytes("all-reduce", 800, 8) == 1400
-    assert costs.ring_bytes("all-to-all", 800, 8) == 700
-    assert costs.ring_bytes("collective-permute", 800, 2) == 800
-    assert costs.ring_bytes("all-reduce", 800, 1) == 0
+    assert hlo.ring_bytes("all-gather", 800, 8) == 700
+    assert hlo.ring_bytes("reduce-scatter", 800, 8) == 700
+    assert hlo.ring_bytes("all-reduce", 800, 8) == 1400
+    assert hlo.ring_bytes("all-to-all", 800, 8) == 700
+    assert hlo.ring_bytes("collective-permute", 800, 2) == 800
+    assert hlo.ring_bytes("all-reduce", 800, 1) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +186,7 @@ def test_collective_theory_fsdp_and_fsdp_tp_by_hand():
     # sharded over fsdp (an `embed` axis): wte, wpe, the four kernels, the two c_proj biases
     fsdp_params = V * D + T * D + L * (3 * D * D + D * D + 4 * D * D + 4 * D * D + 2 * D)
     replicated = L * (4 * D + 3 * D + 4 * D) + 2 * D  # LayerNorms, c_attn and c_fc biases, ln_f
-    th = costs.collective_theory(cfg, "fsdp", (1, 8, 1), 8, T, param_bytes=2, grad_bytes=4)
+    th = hlo_theory.collective_theory(cfg, "fsdp", (1, 8, 1), 8, T, param_bytes=2, grad_bytes=4)
     assert th.param_gathers == pytest.approx(2 * 7 / 8 * fsdp_params * 2)
     assert th.grad_reduce_scatters == pytest.approx(7 / 8 * fsdp_params * 4)
     assert th.grad_all_reduces == pytest.approx(2 * 7 / 8 * replicated * 4)
@@ -196,14 +198,14 @@ def test_collective_theory_fsdp_and_fsdp_tp_by_hand():
     b_local = 8 / 4
     act = 2 * 1 / 2 * b_local * T * D * 2
     for remat, per_layer in (("none", 4), ("full", 5)):
-        th = costs.collective_theory(small_config(remat_policy=remat), "fsdp_tp", (1, 4, 2), 8, T)
+        th = hlo_theory.collective_theory(small_config(remat_policy=remat), "fsdp_tp", (1, 4, 2), 8, T)
         assert th.param_gathers == pytest.approx(2 * 3 / 4 * fsdp_tp * 2)
         assert th.activation_all_reduces == pytest.approx((per_layer * L + 2) * act)
 
 
 def test_collective_theory_leaves_out_what_the_tensor_axis_cannot_split():
-    th5 = costs.collective_theory(small_config(n_head=5, n_embd=320), "fsdp_tp", (1, 4, 2), 8, 128)
-    th4 = costs.collective_theory(small_config(n_head=4, n_embd=320), "fsdp_tp", (1, 4, 2), 8, 128)
+    th5 = hlo_theory.collective_theory(small_config(n_head=5, n_embd=320), "fsdp_tp", (1, 4, 2), 8, 128)
+    th4 = hlo_theory.collective_theory(small_config(n_head=4, n_embd=320), "fsdp_tp", (1, 4, 2), 8, 128)
     per = 2 * 1 / 2 * 2 * 128 * 320 * 2
     assert th4.activation_all_reduces - th5.activation_all_reduces == pytest.approx(2 * 3 * per)
 
@@ -259,13 +261,13 @@ def test_xla_cost_analysis_is_per_device_and_counts_a_loop_body_once(compiled):
     scanned, unrolled = compiled("fsdp", "none"), compiled("fsdp", "none", scan=False)
     # The walker follows XLA's own counting rules: with each loop body once it gives XLA's figure,
     # and on the unrolled program (no loop) the two agree too.
-    assert costs.hlo_cost(scanned["text"], use_trip_counts=False)["flops"] == pytest.approx(scanned["xla_flops"], rel=1e-4)
-    assert costs.hlo_cost(unrolled["text"])["flops"] == pytest.approx(unrolled["xla_flops"], rel=1e-4)
+    assert hlo.hlo_cost(scanned["text"], use_trip_counts=False)["flops"] == pytest.approx(scanned["xla_flops"], rel=1e-4)
+    assert hlo.hlo_cost(unrolled["text"])["flops"] == pytest.approx(unrolled["xla_flops"], rel=1e-4)
     # XLA's figure is for one device's partitioned program: x 8 it is the whole step's
     n = len(jax.devices())
     assert unrolled["xla_flops"] * n / analytic(unrolled["cfg"]) == pytest.approx(1.0, abs=0.05)
     # Scanned, XLA sees one of the 3 layers; the trip count puts the other two back.
-    walked, flat = costs.hlo_cost(scanned["text"]), costs.hlo_cost(unrolled["text"])
+    walked, flat = hlo.hlo_cost(scanned["text"]), hlo.hlo_cost(unrolled["text"])
     assert walked["dot_flops"] == pytest.approx(flat["dot_flops"], rel=1e-9)
     assert walked["flops"] == pytest.approx(flat["flops"], rel=0.05)
     assert scanned["xla_flops"] < 0.75 * walked["flops"]
@@ -275,13 +277,13 @@ def test_xla_cost_analysis_is_per_device_and_counts_a_loop_body_once(compiled):
 @pytest.mark.parametrize("remat, low, high", [("none", 0.95, 1.05), ("full", 1.15, 1.40)])
 def test_compiled_flops_against_analytic(compiled, strategy, remat, low, high):
     c = compiled(strategy, remat)
-    ratio = costs.hlo_cost(c["text"])["flops"] * len(jax.devices()) / analytic(c["cfg"])
+    ratio = hlo.hlo_cost(c["text"])["flops"] * len(jax.devices()) / analytic(c["cfg"])
     assert low <= ratio <= high, f"compiled / analytic FLOPs = {ratio:.3f} ({strategy}, remat {remat})"
 
 
 def cpu_theory(c, strategy):
     elem = 4 if jax.default_backend() == "cpu" else None  # XLA:CPU moves bf16 collectives as f32
-    return costs.collective_theory(c["cfg"], strategy, MESHES[strategy], BATCH, T,
+    return hlo_theory.collective_theory(c["cfg"], strategy, MESHES[strategy], BATCH, T,
                                    param_bytes=elem, grad_bytes=elem, act_bytes=elem)
 
 
@@ -289,9 +291,9 @@ def cpu_theory(c, strategy):
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_compiled_collectives_against_theory(compiled, strategy, remat):
     c = compiled(strategy, remat)
-    found = costs.hlo_collectives(c["text"])
+    found = hlo.hlo_collectives(c["text"])
     th = cpu_theory(c, strategy)
-    as_rs = costs.collective_bytes(found, slices_as_reduce_scatter=True)
+    as_rs = hlo.collective_bytes(found, slices_as_reduce_scatter=True)
     ratio = sum(as_rs.values()) / th.total
     assert 0.8 <= ratio <= 1.25, f"collective bytes / theory = {ratio:.3f} ({strategy}, remat {remat})"
     if strategy == "fsdp_tp":
@@ -300,7 +302,7 @@ def test_compiled_collectives_against_theory(compiled, strategy, remat):
     if jax.default_backend() == "cpu":
         # XLA:CPU writes the gradients' reduce-scatter as all-reduce + dynamic-slice (found, not assumed)
         assert {d for x in found for d in x.dtypes} == {"f32"}
-        raw = costs.collective_bytes(found)
+        raw = hlo.collective_bytes(found)
         assert raw["reduce-scatter"] == 0 and as_rs["reduce-scatter"] >= 0.9 * th.grad_reduce_scatters
 
 
@@ -318,7 +320,7 @@ DUPLICATE_GATHERS = pytest.mark.xfail(
 ])
 def test_no_parameter_gathered_more_than_forward_and_backward(compiled, strategy, remat):
     c = compiled(strategy, remat)
-    gathers = costs.collective_bytes(costs.hlo_collectives(c["text"]))["all-gather"] / cpu_theory(c, strategy).param_gathers
+    gathers = hlo.collective_bytes(hlo.hlo_collectives(c["text"]))["all-gather"] / cpu_theory(c, strategy).param_gathers
     # below 1: wte is gathered once for the lookup and the LM head, biases only for the forward
     assert 0.7 <= gathers <= 1.0, f"all-gather bytes / theory = {gathers:.3f}"
 
@@ -335,5 +337,5 @@ def test_full_remat_lowers_peak_memory(compiled):
 )
 def test_fsdp_tp_flops_with_heads_the_tensor_axis_does_not_divide():
     c = compile_step("fsdp_tp", "none", cfg_overrides=dict(n_head=5, n_embd=320))
-    ratio = costs.hlo_cost(c["text"])["flops"] * len(jax.devices()) / analytic(c["cfg"])
+    ratio = hlo.hlo_cost(c["text"])["flops"] * len(jax.devices()) / analytic(c["cfg"])
     assert ratio <= 1.05, f"compiled / analytic FLOPs = {ratio:.3f}"

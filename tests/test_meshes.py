@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt2_jax import costs, generate, optim, sharding, step
+from gpt2_jax import generate, hlo, optim, sharding, step
 from gpt2_jax.config import ModelConfig
 from helpers import run_losses
 
-REMAT = costs.INVOLUNTARY_REMAT
+REMAT = hlo.INVOLUNTARY_REMAT
 MESHES = [((8, 1, 1), "dp"), ((1, 8, 1), "fsdp"), ((2, 4, 1), "fsdp"), ((2, 2, 2), "fsdp_tp"), ((1, 4, 2), "fsdp_tp")]
 
 # Padded vocabulary (211 -> 256 rows) that tensor=2 divides, so the embedding table is sharded over
@@ -47,7 +47,7 @@ def test_the_log_capture_sees_an_involuntary_rematerialization():
         x = jnp.take(t, i, axis=0)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(("data", "fsdp"))))
 
-    _, log = costs.compile_logged(lambda: jax.jit(lookup).lower(table, ids))
+    _, log = hlo.compile_logged(lambda: jax.jit(lookup).lower(table, ids))
     assert REMAT in log
 
 
@@ -79,7 +79,7 @@ def test_no_involuntary_rematerialization(shape, strategy, config_name):
         "sample": lambda: sample_program(cfg, sharding.Placement(mesh, strategy, rules), abstract.params),
     }
     for name, lower in programs.items():
-        _, log = costs.compile_logged(lower)
+        _, log = hlo.compile_logged(lower)
         assert REMAT not in log, f"{name} program: " + next(line for line in log.splitlines() if REMAT in line)
 
 

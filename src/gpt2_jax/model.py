@@ -232,7 +232,7 @@ class GPT2(nn.Module):
           return_hidden: return the final-LayerNorm activations [B, T, D] instead of logits.
         """
         cfg = self.config
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        pdtype = jnp.dtype(cfg.param_dtype)
         B, T = tokens_BT.shape
         wte_VD = self.param(
             "wte", _param(nn.initializers.normal(cfg.initializer_range), (VOCAB, EMBED)),
@@ -248,43 +248,60 @@ class GPT2(nn.Module):
             cache = self.variables.get("cache", {}) if decode else {}
             start = _cache_index(cache) if cache else 0
             positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-        # The lookup reads the table in the layout the LM head needs (rows over `tensor`, the embed
-        # axis gathered), in the compute dtype, so one gathered bfloat16 copy serves both. Gathering
-        # straight from the FSDP layout (embed over `fsdp`) gives rows split by embed that XLA
-        # cannot move onto the batch axes: on 2x2x2 it replicated the tensor every step
-        # ("involuntary full rematerialization"). A one-hot matmul avoids the gather but pays the
-        # head's FLOPs again. `python benchmarks/embedding_lookup.py` (small, 8 x 1024 tokens, mesh
-        # 1,8,1, per device): this layout 238 GFLOP and 129 MiB of all-gathers; the plain gather 258
-        # MiB (a second, float32 copy of the table); one-hot 397 GFLOP and 49 MiB more temporaries.
-        # Cast each shard first (the parameter layout kept through the cast), then gather: the
-        # all-gather moves compute-dtype bytes, not float32.
-        wte_VD = _constrain(_constrain(wte_VD.astype(dtype), (VOCAB, EMBED)), (ACT_VOCAB, None))
-        wpe_PD = _constrain(_constrain(wpe_PD.astype(dtype), (POS, EMBED)), (None, None))
+        wte_VD, wpe_PD = _lookup_tables(cfg, wte_VD, wpe_PD)
         x_BTD = jnp.take(wte_VD, tokens_BT, axis=0) + jnp.take(wpe_PD, positions_BT, axis=0)
         x_BTD = _constrain(x_BTD, (ACT_BATCH, ACT_SEQ, ACT_EMBED))
         x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
 
-        block = Block
-        if cfg.remat_policy not in ("none", "auto"):  # auto is resolved by the trainer; inference saves nothing anyway
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
-                length=cfg.n_layer,
-                metadata_params={nn.PARTITION_NAME: LAYERS},
-            )
-            x_BTD, _ = stack(cfg, deterministic, decode, scanned=True, name="h")(x_BTD, input_mask_BT)
-        else:
-            for i in range(cfg.n_layer):
-                x_BTD = block(cfg, deterministic, decode, name=f"h_{i}")(x_BTD, input_mask_BT)
-
+        x_BTD = _blocks(cfg, x_BTD, input_mask_BT, deterministic=deterministic, decode=decode)
         x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
         if return_hidden:
             return x_BTD
         return lm_head(cfg, wte_VD, x_BTD)
+
+
+def _lookup_tables(cfg: ModelConfig, wte_VD: jax.Array, wpe_PD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The embedding tables in the compute dtype and the layout the lookup (and the LM head) reads."""
+    # The lookup reads the table in the layout the LM head needs (rows over `tensor`, the embed
+    # axis gathered), in the compute dtype, so one gathered bfloat16 copy serves both. Gathering
+    # straight from the FSDP layout (embed over `fsdp`) gives rows split by embed that XLA
+    # cannot move onto the batch axes: on 2x2x2 it replicated the tensor every step
+    # ("involuntary full rematerialization"). A one-hot matmul avoids the gather but pays the
+    # head's FLOPs again. `python benchmarks/embedding_lookup.py` (small, 8 x 1024 tokens, mesh
+    # 1,8,1, per device): this layout 238 GFLOP and 129 MiB of all-gathers; the plain gather 258
+    # MiB (a second, float32 copy of the table); one-hot 397 GFLOP and 49 MiB more temporaries.
+    # Cast each shard first (the parameter layout kept through the cast), then gather: the
+    # all-gather moves compute-dtype bytes, not float32.
+    dtype = jnp.dtype(cfg.dtype)
+    wte_VD = _constrain(_constrain(wte_VD.astype(dtype), (VOCAB, EMBED)), (ACT_VOCAB, None))
+    wpe_PD = _constrain(_constrain(wpe_PD.astype(dtype), (POS, EMBED)), (None, None))
+    return wte_VD, wpe_PD
+
+
+def _blocks(
+    cfg: ModelConfig, x_BTD: jax.Array, input_mask_BT: jax.Array | None, *, deterministic: bool, decode: bool
+) -> jax.Array:
+    """The n_layer blocks, under `nn.scan` (one `h` with a leading layer axis) or unrolled (h_0 ...).
+
+    Called inside `GPT2.__call__`, so the blocks it creates are GPT2's submodules.
+    """
+    block = Block
+    if cfg.remat_policy not in ("none", "auto"):  # auto is resolved by the trainer; inference saves nothing anyway
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=cfg.n_layer,
+            metadata_params={nn.PARTITION_NAME: LAYERS},
+        )
+        x_BTD, _ = stack(cfg, deterministic, decode, scanned=True, name="h")(x_BTD, input_mask_BT)
+        return x_BTD
+    for i in range(cfg.n_layer):
+        x_BTD = block(cfg, deterministic, decode, name=f"h_{i}")(x_BTD, input_mask_BT)
+    return x_BTD
 
 
 def lm_head(cfg: ModelConfig, wte_VD: jax.Array, x_BTD: jax.Array) -> jax.Array:
