@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from gpt2_jax import tokenizer
 from gpt2_jax.data import DataError, SplitTokens, TrainLoader, eval_batches, eval_windows, load_manifest, prepare
 from gpt2_jax.data import __main__ as cli
-from gpt2_jax.data import sources
+from gpt2_jax.data import builders, sources
 
 EOT = tokenizer.EOT_ID
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,15 +79,28 @@ def test_tiny_shakespeare_counts_equal_direct_tokenization(ts_store, shared_data
         assert manifest["splits"][split]["tokens"] == len(expected)
         assert f"{len(expected):,} tokens" in stdout  # the CLI prints each split's count
     assert manifest["tokenizer_hash"] == tokenizer.tokenizer_hash()
-    assert manifest["source"]["url"] == sources.TINY_SHAKESPEARE_URL
+    assert manifest["source"]["url"] == sources.source("tiny_shakespeare").url
 
 
 def test_tiny_shakespeare_checksum_is_registered():
     # TFDS uses manual_dir/input.txt only for a URL whose name and checksum are registered.
     lines = (Path(sources.__file__).parent / "checksums.tsv").read_text().splitlines()
     url, size, sha, name = lines[0].split("\t")
-    assert (url, size, name) == (sources.TINY_SHAKESPEARE_URL, "1115394", "input.txt")
+    assert (url, size, name) == (sources.source("tiny_shakespeare").url, "1115394", "input.txt")
     assert sha == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+def test_each_source_is_one_record(tmp_path):
+    names = [s.name for s in sources.SOURCES]
+    assert names == ["tiny_shakespeare", "openwebtext", "webtext", "fineweb_edu", "text_files"]
+    assert all(s.builder.name == s.name for s in sources.SOURCES)
+    with pytest.raises(DataError) as e:
+        prepare("nope", cache_dir=tmp_path)
+    assert str(e.value) == f"unknown data set 'nope'; valid: {', '.join(names)}, or tfds:NAME for the TFDS catalog"
+    with pytest.raises(DataError) as e:
+        prepare("openwebtext", cache_dir=tmp_path, files="x")
+    assert str(e.value) == "openwebtext does not take --files (its options: --validation-fraction)"
+    assert not tmp_path.joinpath("tfds").exists()
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +154,15 @@ def test_text_files_held_out_split_partitions_documents(tmp_path, paragraphs):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in docs))
     store = prepare("text_files", cache_dir=tmp_path / "cache", files=str(tmp_path / "d.jsonl"), field="body",
                     validation_fraction=0.2, workers=1, progress=False)
-    held = [sources.in_validation(f"d.jsonl:{i + 1}", 0.2) for i in range(len(docs))]
+    held = [builders.in_validation(f"d.jsonl:{i + 1}", 0.2) for i in range(len(docs))]
     assert 0 < sum(held) < len(docs)
     np.testing.assert_array_equal(store_tokens(store, "train"), encode_docs([d for d, h in zip(docs, held) if not h]))
     np.testing.assert_array_equal(store_tokens(store, "validation"), encode_docs([d for d, h in zip(docs, held) if h]))
 
 
 def test_decode_text_counts_each_invalid_byte():
-    assert sources.decode_text("héllo".encode()) == ("héllo", 0)
-    assert sources.decode_text(b"a\xffb\xe2\x82") == ("a\ufffdb\ufffd\ufffd", 3)
+    assert builders.decode_text("héllo".encode()) == ("héllo", 0)
+    assert builders.decode_text(b"a\xffb\xe2\x82") == ("a\ufffdb\ufffd\ufffd", 3)
 
 
 def test_webtext_from_manual_dir(tmp_path, paragraphs):
@@ -206,7 +220,7 @@ def test_openwebtext_layouts_with_held_out_subsets(tmp_path, paragraphs, layout)
                     validation_fraction=0.4, workers=1, progress=False)
     if layout == "txt":  # held out file by file, by the path inside the manual directory
         docs = {str(p.relative_to(manual)): [p.read_text()] for p in sorted(manual.rglob("*.txt"))}
-    held = {name: sources.in_validation(name, 0.4) for name in docs}
+    held = {name: builders.in_validation(name, 0.4) for name in docs}
     assert 0 < sum(held.values()) < len(docs)
     for split, want in (("train", False), ("validation", True)):
         expected = [d for name in docs if held[name] == want for d in docs[name]]
@@ -266,7 +280,7 @@ def test_fineweb_edu_from_parquet_with_held_out_documents(tmp_path, paragraphs, 
     kw = dict(cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data", validation_fraction=0.3, docs_per_shard=6,
               progress=False)
     store = prepare("fineweb_edu", workers=2, **kw)
-    held = [sources.in_validation(i, 0.3) for i, _ in docs]
+    held = [builders.in_validation(i, 0.3) for i, _ in docs]
     assert 0 < sum(held) < len(docs)
     for split, want in (("train", False), ("validation", True)):
         np.testing.assert_array_equal(store_tokens(store, split), encode_docs([t for (_, t), h in zip(docs, held) if h == want]))
@@ -355,6 +369,56 @@ def test_bad_inputs_give_one_line_errors_and_keep_prepared_data(tmp_path, good_s
     with pytest.raises(DataError, match="manifest.json: written by tokenizer"):
         TrainLoader(store, seq_len=8, batch_size=2, seed=0)
     assert file_hashes(store) == before
+
+
+def tree(root: Path):
+    """Every file and folder under `root`, with each file's size and time (folders' times change as
+    entries come and go)."""
+    return sorted((str(p.relative_to(root)), None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns))
+                  for p in root.rglob("*"))
+
+
+def test_a_failed_first_build_leaves_the_cache_as_it_was(tmp_path, capsys):
+    (tmp_path / "n.jsonl").write_text('{"text": "fine"}\n{"body": "x"}\n')
+    argv = ["prepare", "--dataset", "text_files", "--files", str(tmp_path / "n.jsonl"), "--quiet"]
+    cache = tmp_path / "cache"
+    rc, errors = run_cli([*argv, "--cache-dir", str(cache)], capsys)
+    assert rc == 1 and len(errors) == 1 and "n.jsonl:2: no field 'text'" in errors[0]
+    assert not cache.exists()  # failed midway: the folders and the lock file it made are gone
+    # What an earlier build left in the same places (its lock file, a download) stays.
+    src = sources.source("text_files")
+    builder = src.builder(url=src.url, manual_dir=None, data_dir=str(cache / "tfds"), files=str(tmp_path / "n.jsonl"))
+    parent = Path(builder.data_path).parent
+    parent.mkdir(parents=True)
+    (parent / ".build.lock").write_bytes(b"")
+    (cache / "tfds" / "downloads").mkdir()
+    (cache / "tfds" / "downloads" / "kept.txt").write_text("kept")
+    before = tree(cache)
+    rc, errors = run_cli([*argv, "--cache-dir", str(cache)], capsys)
+    assert rc == 1 and len(errors) == 1 and "n.jsonl:2: no field 'text'" in errors[0]
+    assert tree(cache) == before
+
+
+def test_a_build_waiting_on_a_failed_first_build_takes_over(tmp_path):
+    class Builder:  # what `_building` reads of a TFDS builder
+        data_path = tmp_path / "tfds" / "x" / "1.0.0"
+
+    lock = tmp_path / "tfds" / "x" / ".build.lock"
+    held = []
+
+    def second():
+        with sources._building(Builder):
+            held.append(lock.exists())  # the lock file it holds is the one there, not a deleted one
+
+    with pytest.raises(RuntimeError, match="failed"):
+        with sources._building(Builder):
+            waiting = threading.Thread(target=second)
+            waiting.start()
+            time.sleep(0.5)  # it opened the lock file and waits on it
+            assert not held
+            raise RuntimeError("failed")
+    waiting.join(30)
+    assert held == [True] and lock.exists()
 
 
 def test_catalog_without_tensorflow_says_so(tmp_path, monkeypatch):

@@ -14,7 +14,9 @@ What object stores lack, and what this module does instead:
 - no file locks: `create_new` is the store's create-if-absent precondition (`ifGenerationMatch=0`
   on GCS, `If-None-Match: *` on S3), on which the run-directory lock is built;
 - no memory map: `read_ranges` fetches byte ranges concurrently (token stores read only the windows
-  they need).
+  they need);
+- no quick failure: the clients retry a failed request for about a minute, so the first request to
+  a store (`probe`) is bounded and an unreachable store is reported in seconds.
 
 Credentials are the libraries' own: Application Default Credentials for GCS (the VM's service account
 on a TPU pod), the usual AWS variables or profile for S3. `STORAGE_EMULATOR_HOST` (gcsfs),
@@ -32,29 +34,29 @@ import tempfile
 from pathlib import Path
 from typing import Any, Union
 
+from gpt2_jax.errors import one_line
+
 SCHEMES = {"gs": "gcs", "s3": "s3"}  # URL scheme -> the gpt2_jax extra that provides it
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 AnyPath = Union[Path, Any]  # pathlib.Path or etils.epath.Path
 
 
-def _no_listing_cache() -> None:
-    """fsspec caches directory listings per filesystem object; Orbax's tensorstore writes and other
-    hosts change a bucket behind its back, so a cached listing would hide new checkpoints. Every
-    gs:// and s3:// filesystem made from here on (Orbax's through etils.epath too) lists afresh."""
-    try:
-        import fsspec
-    except ImportError:
-        return
-    for protocol in ("gcs", "gs", "s3"):
-        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
-
-
-_no_listing_cache()
+# How long the first request to a store may take (`probe`): gcsfs and s3fs retry a failed request
+# for about a minute, which is how long an unreachable store used to take to report.
+PROBE_TIMEOUT_S = 6.0
 
 
 class StorageError(RuntimeError):
     """A path or URL that cannot be used (unknown scheme, missing extra); the message is one line."""
+
+
+class Unreachable(StorageError):
+    """A store that did not answer (`probe`); `why` says how, in a few words."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"{url}: could not be reached ({why})")
+        self.why = why
 
 
 def scheme(p: str | os.PathLike) -> str | None:
@@ -84,18 +86,56 @@ def path(p: str | os.PathLike) -> AnyPath:
 
         text = str(p)
         _check_scheme(scheme(text), text)
+        _no_listing_cache(text)
         return epath.Path(text.rstrip("/") if text.count("/") > 3 else text)
     return Path(p).absolute()
 
 
+def _no_listing_cache(url: str) -> None:
+    """Make the filesystem behind `epath.Path(url)` list afresh.
+
+    fsspec caches directory listings per filesystem object; Orbax's tensorstore writes and other hosts
+    change a bucket behind its back, so a cached listing would hide new checkpoints. etils.epath (the
+    path type Orbax uses too) makes one fsspec filesystem per scheme, with no way to pass options, so
+    its listing cache is turned off here, on that object, as the project resolves a URL (the
+    filesystem, and its credentials, are made then rather than at its first request); fsspec's
+    global configuration is left alone. A path that etils serves through TensorFlow's gfile (when
+    TensorFlow is installed) has no listing cache to turn off.
+    """
+    from etils.epath import backend
+
+    fs = backend.fsspec_backend.fs(url)
+    if fs.dircache.use_listings_cache:
+        fs.dircache.use_listings_cache = False
+        fs.dircache.clear()
+
+
 def fs_path(p: str | os.PathLike) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) of a URL."""
+    """(fsspec filesystem, path within it) of a URL; the filesystem keeps no listing cache."""
     import fsspec
 
     text = str(p)
     _check_scheme(scheme(text), text)
-    fs, inner = fsspec.core.url_to_fs(text)
+    fs, inner = fsspec.core.url_to_fs(text, use_listings_cache=False)
     return fs, inner
+
+
+def probe(p: AnyPath, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether file `p` (a URL) exists, asked once with a bound: a store that does not answer within
+    `timeout` seconds, or fails to, raises `Unreachable` (the request is cancelled, not left retrying)."""
+    from fsspec.asyn import sync
+    from fsspec.exceptions import FSTimeoutError
+
+    fs, inner = fs_path(p)
+    try:
+        info = sync(fs.loop, fs._info, inner, timeout=timeout)
+    except FileNotFoundError:
+        return False
+    except FSTimeoutError as e:
+        raise Unreachable(str(p), f"no answer within {timeout:g} s") from e
+    except Exception as e:  # whatever the client raises (connection, credentials, HTTP): one line
+        raise Unreachable(str(p), one_line(e)) from e
+    return info.get("type") == "file"
 
 
 def join(p: AnyPath, *parts: str) -> AnyPath:
@@ -230,7 +270,7 @@ def file_sizes(p: AnyPath) -> dict[str, int]:
     """{name: bytes} of the files directly in directory `p` (one listing on an object store)."""
     if is_url(p):
         fs, inner = fs_path(p)
-        try:  # listed afresh: fsspec's listing cache is off for these stores (_no_listing_cache)
+        try:  # listed afresh: this filesystem keeps no listing cache (fs_path)
             entries = fs.ls(inner, detail=True)
         except FileNotFoundError:
             return {}

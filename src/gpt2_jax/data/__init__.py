@@ -7,7 +7,8 @@
 """
 
 from gpt2_jax.data.loader import TrainLoader, eval_batches, eval_windows
-from gpt2_jax.data.sources import CACHE_DIR_ENV, DATA_DIR_ENV, DataError, catalog_download, decode_text, resolve_dirs
+from gpt2_jax.data.builders import DATA_DIR_ENV, DataError, decode_text
+from gpt2_jax.data.sources import CACHE_DIR_ENV, catalog_download, resolve_dirs
 from gpt2_jax.data.store import SplitTokens, load_manifest, prepare, report
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2_jax.data.sources import BUILD_DIR_ENV, BUILTIN, CACHE_DIR_ENV, DATA_DIR_ENV, OFFLINE_ENV, DataError
+from gpt2_jax.data.sources import BUILD_DIR_ENV, CACHE_DIR_ENV, DATA_DIR_ENV, OFFLINE_ENV, SOURCES, DataError
 
 
 def _positive(text: str) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{BUILD_DIR_ENV} (TFDS builds when the cache is a URL), "
                               f"{OFFLINE_ENV}=1 (never download: report missing files at once).")
     p.add_argument("--dataset", required=True,
-                   help=f"{', '.join(BUILTIN)}, or tfds:NAME[/CONFIG] for a TFDS catalog data set (needs the tf extra)")
+                   help=f"{', '.join(s.name for s in SOURCES)}, or tfds:NAME[/CONFIG] for a TFDS catalog data set (needs the tf extra)")
     p.add_argument("--manual-dir", help=f"directory with one folder of raw files per data set (default ${DATA_DIR_ENV})")
     p.add_argument("--cache-dir", help=f"where TFDS builds and token stores go (default ${CACHE_DIR_ENV} or "
                                        "~/.cache/gpt2_jax); a gs:// or s3:// URL puts the token store on the bucket "

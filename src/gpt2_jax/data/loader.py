@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from gpt2_jax.data.sources import DataError
+from gpt2_jax.data.builders import DataError
 from gpt2_jax.data.store import SplitTokens
 
 

@@ -33,15 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import files, storage, tokenizer
-from gpt2_jax.data.sources import (
-    CATALOG_PREFIX,
-    DataError,
-    build,
-    build_dir,
-    decode_text,
-    resolve_dirs,
-    warn,
-)
+from gpt2_jax.data.builders import DataError, decode_text
+from gpt2_jax.data.sources import CATALOG_PREFIX, build, build_dir, resolve_dirs
+from gpt2_jax.errors import warn
 
 FORMAT = "gpt2_jax.tokens.v1"
 MANIFEST = "manifest.json"
@@ -159,11 +153,12 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
             docs_per_shard: int | None = None, progress: bool = True, **options):
     """Build (idempotently) the token store of `dataset` and return its directory.
 
-    `dataset` is tiny_shakespeare, openwebtext, webtext, text_files or tfds:NAME[/CONFIG], or the
-    location of a finished store (`named_store`), returned as is. Options: text_files takes files,
-    field, validation_files, validation_fraction; openwebtext takes validation_fraction; tfds:NAME
-    takes feature. `workers` tokenizer processes (default: one per CPU, or this process alone for
-    under 32 MiB of text).
+    `dataset` is a data source's name (`sources.SOURCES`: tiny_shakespeare, openwebtext, webtext,
+    fineweb_edu, text_files) or tfds:NAME[/CONFIG], or the location of a finished store
+    (`named_store`), returned as is. Options: text_files takes files, field, validation_files,
+    validation_fraction; openwebtext and fineweb_edu take validation_fraction; tfds:NAME takes
+    feature. `workers` tokenizer processes (default: one per CPU, or this process alone for under
+    32 MiB of text).
 
     Returns a `pathlib.Path`, or an `epath.Path` (`storage.path`) when the cache dir is a gs:// or
     s3:// URL: the TFDS build then stays local (`sources.build_dir`) and the store goes to the bucket.
@@ -174,103 +169,144 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
         return named
     cache, manual_root = resolve_dirs(cache_dir, manual_dir)
     builder, feature, description = build(dataset, cache_dir=build_dir(cache), manual_root=manual_root, **options)
-    remote = storage.is_url(cache)
     store = storage.join(cache, "tokens", _store_name(builder, feature, description))
-    if not remote:  # object stores have no directories
+    source_id = _source_id(builder, feature)
+    names = _open_store(store)
+    if _is_current(store, source_id):
+        return store
+    if not storage.is_url(store):  # an upload leaves no temporary object behind
+        for tmp in [store / n for n in names if fnmatch.fnmatch(n, "*.tmp-*")]:
+            tmp.unlink()  # left by a crashed run
+    tasks = _shard_tasks(builder, feature, store, source_id, docs_per_shard)
+    records = _tokenize_all(tasks, store, source_id, workers, progress)
+    manifest = _manifest(tasks, records, description, source_id)
+    _remove_other_shards(store, manifest)
+    _write_json(store / MANIFEST, manifest)
+    _warn_replaced(manifest)
+    return store
+
+
+def _source_id(builder, feature: str) -> dict[str, Any]:
+    """What a store was tokenized from: the TFDS build and feature, with each split's size."""
+    splits = builder.info.splits
+    return {"tfds_name": builder.name, "tfds_config": builder.builder_config.name if builder.builder_config else None,
+            "tfds_version": str(builder.version), "feature": feature,
+            "num_examples": {n: int(s.num_examples) for n, s in splits.items()},
+            "num_bytes": {n: int(s.num_bytes) for n, s in splits.items()}}
+
+
+def _open_store(store) -> list[str]:
+    """The names of the files already in `store` (made if missing), after checking that their shard
+    records were written by the current tokenizer."""
+    if not storage.is_url(store):  # object stores have no directories
         store.mkdir(parents=True, exist_ok=True)
-    manifest_path = store / MANIFEST
-    tok_hash = tokenizer.tokenizer_hash()
+    else:
+        _manifest_exists(store)  # the first contact with the bucket: a bounded one
     names = sorted(storage.file_sizes(store))  # one listing, on a disk or a bucket
     for meta in [store / n for n in names if n.endswith(".json")]:
         found = _read_json(meta)
         if isinstance(found, dict):
             _check_tokenizer(meta, found.get("tokenizer_hash"))
-    info = builder.info
-    splits = {name: int(split.num_examples) for name, split in info.splits.items()}
-    source_id = {"tfds_name": builder.name, "tfds_config": builder.builder_config.name if builder.builder_config else None,
-                 "tfds_version": str(builder.version), "feature": feature,
-                 "num_examples": splits, "num_bytes": {n: int(s.num_bytes) for n, s in info.splits.items()}}
-    if manifest_path.is_file():
-        manifest = _read_json(manifest_path)
-        if not isinstance(manifest, dict):
-            manifest = {}  # damaged by hand: rebuilt below
-        if manifest.get("source_id") == source_id:
-            _warn_replaced(manifest)
-            return store
-        # The TFDS data changed under this store: it is rebuilt, and must not look complete meanwhile.
-        storage.remove(manifest_path)
-    if not remote:  # an upload leaves no temporary object behind
-        for tmp in [store / n for n in names if fnmatch.fnmatch(n, "*.tmp-*")]:
-            tmp.unlink()  # left by a crashed run
+    return names
 
-    tasks = []
-    for split, n_docs in sorted(splits.items()):
-        per = docs_per_shard or max(1, -(-n_docs * SHARD_TEXT_BYTES // max(1, int(info.splits[split].num_bytes))))
+
+def _is_current(store, source_id: dict[str, Any]) -> bool:
+    """Whether `store` is finished from exactly `source_id`; a manifest of other data is removed (the
+    store is rebuilt, and must not look complete meanwhile)."""
+    manifest_path = store / MANIFEST
+    if not _manifest_exists(store):
+        return False
+    manifest = _read_json(manifest_path)
+    if isinstance(manifest, dict) and manifest.get("source_id") == source_id:
+        _warn_replaced(manifest)
+        return True
+    storage.remove(manifest_path)  # the TFDS data changed under this store, or damaged by hand
+    return False
+
+
+def _shard_tasks(builder, feature: str, store, source_id: dict[str, Any], docs_per_shard: int | None) -> list[dict]:
+    """One task per shard: a range of documents of a split, about SHARD_TEXT_BYTES of text each."""
+    tasks, tok_hash = [], tokenizer.tokenizer_hash()
+    for split, n_docs in sorted(source_id["num_examples"].items()):
+        per = docs_per_shard or max(1, -(-n_docs * SHARD_TEXT_BYTES // max(1, source_id["num_bytes"][split])))
         per = min(per, max(n_docs, 1))
         for i, start in enumerate(range(0, n_docs, per)):
             tasks.append({"tfds_dir": str(builder.data_path), "split": split, "feature": feature,
                           "start": start, "stop": min(start + per, n_docs), "bin": str(store / f"{split}-{i:05d}.bin"),
                           "tokenizer_hash": tok_hash, "source_id": source_id})
+    return tasks
+
+
+def _tokenize_all(tasks: list[dict], store, source_id: dict[str, Any], workers: int | None,
+                  progress: bool) -> dict[str, dict]:
+    """{shard file: record} of every task: kept from an earlier run where it finished that shard,
+    else tokenized here or by `workers` processes."""
     records = {t["bin"]: _finished(t) for t in tasks}
     todo = [t for t in tasks if records[t["bin"]] is None]
     if workers is None:
         # Starting worker processes costs seconds: small corpora are tokenized in this process.
-        todo_bytes = sum(int(info.splits[t["split"]].num_bytes) * (t["stop"] - t["start"]) // max(1, splits[t["split"]])
-                         for t in todo)
+        todo_bytes = sum(source_id["num_bytes"][t["split"]] * (t["stop"] - t["start"])
+                         // max(1, source_id["num_examples"][t["split"]]) for t in todo)
         workers = (os.cpu_count() or 1) if todo_bytes > SMALL_CORPUS_BYTES else 1
     workers = max(1, min(workers, len(todo) or 1))
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"tokenize {store.name}", unit="shard",
-               disable=not progress)
-    with bar:
+    with tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc=f"tokenize {store.name}", unit="shard",
+              disable=not progress) as bar:
         if workers == 1:
             for t in todo:
                 records[t["bin"]] = _tokenize_shard(t)
                 bar.update()
-        else:
-            # forkserver: workers fork from a clean server that imported this module once (plain
-            # fork is unsafe in a process running JAX/Grain threads; spawn re-imports TFDS per worker).
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["gpt2_jax.data._forkserver"])
-            try:
-                with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                    futures = {pool.submit(_tokenize_shard, t): t for t in todo}
-                    for fut in concurrent.futures.as_completed(futures):
-                        records[futures[fut]["bin"]] = fut.result()
-                        bar.update()
-            except concurrent.futures.process.BrokenProcessPool as e:
-                # Killed for memory, or a __main__ that worker processes cannot import (python -c, stdin).
-                raise DataError(f"{store}: a tokenizer worker process died ({e}); finished shards are kept, "
-                                "rerun (with --workers 1 to tokenize in this process)") from e
+            return records
+        # forkserver: workers fork from a clean server that imported this module once (plain
+        # fork is unsafe in a process running JAX/Grain threads; spawn re-imports TFDS per worker).
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["gpt2_jax.data._forkserver"])
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_tokenize_shard, t): t for t in todo}
+                for fut in concurrent.futures.as_completed(futures):
+                    records[futures[fut]["bin"]] = fut.result()
+                    bar.update()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            # Killed for memory, or a __main__ that worker processes cannot import (python -c, stdin).
+            raise DataError(f"{store}: a tokenizer worker process died ({e}); finished shards are kept, "
+                            "rerun (with --workers 1 to tokenize in this process)") from e
+    return records
 
-    manifest = {"format": FORMAT, "dtype": "uint16", "eot_id": tokenizer.EOT_ID, "tokenizer_hash": tok_hash,
-                "source": description, "source_id": source_id, "splits": {}}
+
+def _manifest(tasks: list[dict], records: dict[str, dict], description: dict, source_id: dict) -> dict[str, Any]:
+    """The store's manifest: its splits' shards and totals, the source, invalid bytes per file."""
+    manifest = {"format": FORMAT, "dtype": "uint16", "eot_id": tokenizer.EOT_ID,
+                "tokenizer_hash": tokenizer.tokenizer_hash(), "source": description, "source_id": source_id,
+                "splits": {}}
     replaced_total: Counter = Counter()
-    for split in sorted(splits):
+    for split, n_docs in sorted(source_id["num_examples"].items()):
         shards = [records[t["bin"]] for t in tasks if t["split"] == split]
         for s in shards:
             replaced_total.update(s["replaced_bytes"])
         manifest["splits"][split] = {
-            "documents": splits[split], "tokens": sum(s["tokens"] for s in shards),
+            "documents": n_docs, "tokens": sum(s["tokens"] for s in shards),
             "text_bytes": sum(s["text_bytes"] for s in shards),
             "shards": [{k: s[k] for k in ("file", "documents", "tokens", "sha256")} for s in shards],
         }
     manifest["replaced_bytes"] = dict(sorted(replaced_total.items()))
+    return manifest
+
+
+def _remove_other_shards(store, manifest: dict[str, Any]) -> None:
+    """Delete the shard files of an earlier, different build that `manifest` does not list."""
     listed = {s["file"] for sp in manifest["splits"].values() for s in sp["shards"]}
     for name in fnmatch.filter(storage.file_sizes(store), "*-[0-9][0-9][0-9][0-9][0-9].*"):
         if name.rsplit(".", 1)[0] + ".bin" not in listed:
-            storage.remove(store / name)  # shards of an earlier, different build
-    _write_json(manifest_path, manifest)
-    _warn_replaced(manifest)
-    return store
+            storage.remove(store / name)
 
 
 def _warn_replaced(manifest: dict[str, Any], shown: int = 5) -> None:
     """Report invalid UTF-8 (replaced by U+FFFD) per file: the first few, then a total."""
     replaced = manifest.get("replaced_bytes", {})
     for source, n in list(replaced.items())[:shown]:
-        warn(f"{source}: {n} invalid UTF-8 bytes replaced with U+FFFD")
+        warn(f"warning: {source}: {n} invalid UTF-8 bytes replaced with U+FFFD")
     if len(replaced) > shown:
-        warn(f"{sum(replaced.values())} invalid UTF-8 bytes replaced in {len(replaced)} documents in all "
+        warn(f"warning: {sum(replaced.values())} invalid UTF-8 bytes replaced in {len(replaced)} documents in all "
              f"(the manifest lists them)")
 
 
@@ -284,10 +320,23 @@ def report(store) -> list[str]:
     return lines
 
 
+def _manifest_exists(store) -> bool:
+    """Whether `store` has its manifest. On an object store this is the first request, bounded in time
+    (`storage.probe`): a store that cannot be reached is a one-line error naming it, in seconds."""
+    path = storage.path(store) / MANIFEST
+    if not storage.is_url(path):
+        return path.is_file()
+    try:
+        return storage.probe(path)
+    except storage.Unreachable as e:
+        raise DataError(f"{store}: the token store could not be reached ({e.why}); check the URL, the network "
+                        "and the credentials") from e
+
+
 def load_manifest(store) -> dict[str, Any]:
     """The manifest of a complete store, after checking its format and tokenizer."""
     path = storage.path(store) / MANIFEST
-    if not path.is_file():
+    if not _manifest_exists(store):
         raise DataError(f"{path}: no such file; {store} is not a finished token store (run `python -m gpt2_jax.data prepare`)")
     try:
         manifest = json.loads(path.read_text())
