@@ -412,6 +412,31 @@ def test_hellaswag_bad_items_are_one_line(hf_dir, tmp_path, capsys, record, msg)
     assert rc == 1 and err.count("\n") == 1 and f"error: hellaswag: {path}:2: " in err and msg in err
 
 
+def test_hellaswag_items_for_training(tmp_path, monkeypatch):
+    """`hellaswag_items(limit, data_root)`: the items `--task hellaswag` reads, or a one-line EvalError."""
+    from gpt2_jax.eval import EvalError, hellaswag_items
+
+    path = write_hellaswag(tmp_path)
+    every = tasks.read_hellaswag(path)
+    assert hellaswag_items(2, tmp_path) == every[:2] and len(every) == len(HELLASWAG_ITEMS) > 2
+    monkeypatch.setenv("GPT2_JAX_DATA_DIR", str(tmp_path))
+    assert hellaswag_items(None, None) == every
+    with pytest.raises(EvalError) as e:
+        hellaswag_items(None, tmp_path / "elsewhere")
+    assert str(e.value).startswith(f"hellaswag: data file {tmp_path / 'elsewhere'}/hellaswag/hellaswag_val.jsonl not found")
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("GPT2_JAX_DATA_DIR")
+    with pytest.raises(EvalError, match=r"hellaswag: no data directory .* set \$GPT2_JAX_DATA_DIR"):
+        hellaswag_items(None, None)
+
+
+def test_published_figures_are_the_reports():
+    """The figures the report compares with have one home, gpt2_jax.published."""
+    from gpt2_jax import published
+
+    assert tasks.TASKS["hellaswag"].paper is published.HELLASWAG and tasks.TASKS["ptb"].paper is published.PTB
+    assert tasks.PAPER_SOURCE == published.PAPER_SOURCE  # tests/test_plot.py: the plot imports them without jax
+
 def test_sharded_scoring_equals_one_device(hf_dir):
     cfg, params = convert.load_hf(hf_dir)
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import random_hf_gpt2
 
-from gpt2_jax import config, convert, generate, model, weights
+from gpt2_jax import config, convert, generate, model, step as step_lib, weights
 from gpt2_jax.generate import cli as generate_cli
 from gpt2_jax.generate import GenerationError, Generator, SamplingConfig
 from gpt2_jax.model import GPT2
@@ -76,8 +76,8 @@ def test_prefill_then_decode_matches_full_forward(hf_pair, scan):
     bucket = 16
     tokens, lengths = generate.left_pad([s[:L] for s, L in zip(seqs, prompt_lens)], bucket, pad_id=42)
 
-    prefill = jax.jit(functools.partial(generate.prefill, cfg, cache_len=bucket + n_new, all_logits=True))
-    step = jax.jit(functools.partial(generate.decode_step, cfg))
+    prefill = jax.jit(functools.partial(step_lib.prefill, cfg, cache_len=bucket + n_new, all_logits=True))
+    step = jax.jit(functools.partial(step_lib.decode_step, cfg))
     cont = np.stack([s[L:] for s, L in zip(seqs, prompt_lens)])
     logits_P, cache, _, _ = prefill(params, tokens, lengths)
     outs = []
@@ -259,6 +259,23 @@ def test_one_compilation_per_generation_and_seeds(hf_pair, compiles):
     assert [tok for _, tok in seen] == res.tokens[0].tolist()
 
 
+def test_each_generator_streams_to_its_own_call(hf_pair):
+    """The streaming sink belongs to the Generator and the call: two Generators' streams never mix, a
+    call without on_tokens sends nothing to an earlier call's, and no sink outlives its call."""
+    _, cfg, params, _ = hf_pair
+    s = SamplingConfig(max_new_tokens=3, greedy=True, eot_id=None)
+    a, b = Generator(cfg, params), Generator(cfg, params)
+    seen_a, seen_b = [], []
+    res_a = a.generate_tokens([[1, 2]], s, on_tokens=lambda t, tok, act: seen_a.append(int(tok[0])))
+    res_b = b.generate_tokens([[3, 4, 5]], s, on_tokens=lambda t, tok, act: seen_b.append(int(tok[0])))
+    a.generate_tokens([[6]], s)
+    assert seen_a == res_a.tokens[0].tolist() and seen_b == res_b.tokens[0].tolist()
+    assert a._stream.sink is None and b._stream.sink is None
+    assert not hasattr(generate, "_STREAM_SINK")
+    with a._stream.sending_to(print), pytest.raises(GenerationError, match="already streaming"):
+        a.generate_tokens([[1]], s, on_tokens=print)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input and the command line
 
@@ -332,7 +349,7 @@ def test_cli_streams_the_same_text_as_the_library(text_model, capsys):
     rc = generate_cli.main(["--model", str(path), "--prompt", prompt, "--max-new-tokens", "20", "--seed", "7"])
     assert rc == 0
     out = capsys.readouterr().out
-    # the library with the CLI's settings (a callback too, so the compiled program is shared)
+    # the library with the CLI's settings (a callback too: the same program, compiled for this Generator)
     s = SamplingConfig(max_new_tokens=20, top_k=40)
     enc = get_tokenizer()
     res = Generator(cfg, params).generate_tokens([enc.encode(prompt)], s, seed=7, on_tokens=lambda *a: None)
@@ -392,18 +409,18 @@ def test_task_cli_coqa_stops_at_the_end_of_the_line(text_model, tmp_path, capsys
 
 @pytest.mark.slow
 def test_run_task_summarize_and_translate_report_their_metrics(text_model, tmp_path):
-    from gpt2_jax import prompts
+    from gpt2_jax.generate import tasks
 
     cfg, params, _ = text_model
     gen = Generator(cfg, params)
     summ = [{"article": "The cat sat on the mat. It was warm.", "summary": "A cat sat."}] * 2
     # greedy, 6 tokens, 2 rows: the program the qa CLI test compiled is reused
     greedy = SamplingConfig(max_new_tokens=6, greedy=True)
-    report = prompts.run_task(gen, "summarize", summ, greedy, output=tmp_path / "s.jsonl")
+    report = tasks.run_task(gen, "summarize", summ, greedy, output=tmp_path / "s.jsonl")
     assert set(report["metrics"]) == {"rouge1", "rouge2", "rougeLsum", "r_avg"} and report["records"] == 2
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
     trans = [{"source": f"word {i}", "target": f"mot {i}"} for i in range(3)]
-    report = prompts.run_task(gen, "translate", trans, greedy, shots=1)  # prompts stay in the 16 bucket
+    report = tasks.run_task(gen, "translate", trans, greedy, shots=1)  # prompts stay in the 16 bucket
     assert set(report["metrics"]) == {"bleu"} and report["records"] == 2
-    with pytest.raises(prompts.TaskError, match="no records to score"):
-        prompts.run_task(gen, "translate", trans, greedy, shots=3)
+    with pytest.raises(tasks.TaskError, match="no records to score"):
+        tasks.run_task(gen, "translate", trans, greedy, shots=3)

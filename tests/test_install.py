@@ -1,11 +1,15 @@
 """Installing for an accelerator: setup.cfg's extras, `make install ACCEL=...` (dry runs, no network)
 and the Colab notebooks' install cell. A user's install never pulls torch or other test-only
-packages; only `make test` installs them, CPU torch first."""
+packages; only `make test` installs them, CPU torch first. Installed from a wheel, training a size by
+name works from any directory: the experiment files ship in it."""
 
 import configparser
 import importlib.util
 import os
+import shutil
 import subprocess
+import sys
+import sysconfig
 
 import nbformat
 import pytest
@@ -150,3 +154,89 @@ def test_notebook_install_cell_installs_the_tpu_extra(monkeypatch):
     assert with_extra(url, "tpu") == f"gpt2_jax[tpu] @ {url}"
     assert with_extra(f"gpt2_jax @ {url}", "tpu") == f"gpt2_jax[tpu] @ {url}"
     assert with_extra("gpt2_jax[tf]>=0.1", "tpu") == "gpt2_jax[tf,tpu]>=0.1"
+
+
+# ----------------------------------------------------------------------------- installed from a wheel
+
+
+def test_setup_cfg_lists_every_package_and_ships_the_experiments():
+    """setup.cfg names its packages (to map experiments/ into gpt2_jax.experiments): a package added
+    under src/ and missing from that list would be left out of the wheel."""
+    from setuptools import find_packages
+
+    options = setup_cfg()["options"]
+    listed = [line.strip() for line in options["packages"].splitlines() if line.strip()]
+    wanted = find_packages(str(ROOT / "src")) + ["gpt2_jax.experiments"]
+    assert sorted(listed) == sorted(wanted), f"setup.cfg [options] packages must list exactly {sorted(wanted)}"
+    package_dir = dict(line.replace(" ", "").split("=") for line in options["package_dir"].splitlines() if line.strip())
+    assert package_dir == {"": "src", "gpt2_jax.experiments": "experiments"}
+
+
+def test_an_experiment_in_the_current_directory_wins(tmp_path, monkeypatch):
+    from gpt2_jax.config import ConfigError
+    from gpt2_jax.train import find_experiment
+
+    assert find_experiment("tiny") == ROOT / "experiments" / "tiny.py"  # a checkout: its experiments/
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "tiny.py").write_text("CONFIG = {'steps': 7}\n")
+    (tmp_path / "experiments" / "mine.py").write_text("CONFIG = {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert find_experiment("tiny") == tmp_path / "experiments" / "tiny.py"
+    with pytest.raises(ConfigError, match=r"unknown experiment 'huge'; valid: finetune, large, medium, mine, small, "):
+        find_experiment("huge")
+
+
+def _wheel_venv(tmp_path):
+    """gpt2_jax built into a wheel from a copy of the checkout and installed, offline, into a fresh
+    virtualenv; the third-party packages come from this interpreter's site-packages, named by a
+    .pth file after the wheel's own (whose gpt2_jax is only the editable install's metadata)."""
+    src = tmp_path / "checkout"
+    src.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("src", "experiments"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run(*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"), str(src))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("gpt2_jax-*.whl")
+    venv = tmp_path / "venv"
+    proc = run(sys.executable, "-m", "venv", "--without-pip", str(venv))
+    assert proc.returncode == 0, proc.stderr
+    python = venv / "bin" / "python"
+    proc = run(*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (site,) = venv.glob("lib/python*/site-packages")
+    (site / "zz_third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+@pytest.mark.slow
+def test_a_wheel_trains_a_size_by_name(tmp_path, shared_data):
+    """`pip install .` then, from any directory, `python -m gpt2_jax.train small --dry-run` and a
+    short tiny run: the experiment files ship in the wheel (gpt2_jax.experiments)."""
+    python = _wheel_venv(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(GPT2_JAX_DATA_DIR=str(shared_data), JAX_PLATFORMS="cpu")
+    run = lambda *args: subprocess.run([str(python), *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+                                       timeout=600)
+    proc = run("-c", "import gpt2_jax; from gpt2_jax.train import find_experiment; "
+                     "print(gpt2_jax.__file__); print(find_experiment('small'))")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module, small = proc.stdout.split()
+    assert module.startswith(str(tmp_path / "venv")) and small.startswith(str(tmp_path / "venv")), proc.stdout
+    assert small.endswith("gpt2_jax/experiments/small.py")
+
+    proc = run("-m", "gpt2_jax.train", "small", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"dataset": "openwebtext"' in proc.stdout and "mesh: " in proc.stdout, proc.stdout[-3000:]
+
+    run_dir = tmp_path / "run"
+    proc = run("-m", "gpt2_jax.train", "tiny", "steps=2", "seq_len=32", "batch_size=4", "eval_every=0",
+               "sample_tokens=2", f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "config.json").is_file() and (run_dir / "final.json").is_file()

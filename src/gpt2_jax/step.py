@@ -1,9 +1,10 @@
-"""Pure train and eval steps, the train state, and its sharded initialization.
+"""Pure train, eval, prefill and decode steps, the train state, and its sharded initialization.
 
 `train_step(state, batch, *, model, tx, schedule, grad_accum)` and `eval_step(params, batch, *,
 model)` are top-level pure functions; bind the keyword arguments with `functools.partial` and jit
 them (see `compile_train_step`). Batches are dicts {"tokens": int32 [B, T+1]} with an optional
 "mask" (float32 [B, T], the weight of each target token: fine-tuning puts 0 on prompt tokens).
+`prefill` and `decode_step` run the model on its key/value cache (`gpt2_jax.generate.Generator`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import optax
 
 from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, abstract_params
+from gpt2_jax.model import GPT2, abstract_params, init_cache, lm_head
 
 
 @flax.struct.dataclass
@@ -130,6 +131,41 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model: GPT2) -> dict[
     """Summed loss and weight of a validation batch (the "mask" marks scored targets); no dropout."""
     loss_sum, weight = loss_terms(params, batch, None, model=model)
     return {"loss_sum": loss_sum, "weight": weight}
+
+
+def padding_inputs(lengths_B: jax.Array, bucket: int) -> tuple[jax.Array, jax.Array]:
+    """Per-row positions (real tokens start at 0) and the input mask of a left-padded batch."""
+    offset_B = bucket - lengths_B
+    slot_T = jnp.arange(bucket)
+    mask_BT = slot_T[None, :] >= offset_B[:, None]
+    positions_BT = jnp.maximum(slot_T[None, :] - offset_B[:, None], 0)
+    return positions_BT.astype(jnp.int32), mask_BT
+
+
+def prefill(cfg: ModelConfig, params, tokens_BP: jax.Array, lengths_B: jax.Array, cache_len: int, *, all_logits: bool = False):
+    """Run a left-padded prompt batch through the model into a fresh cache of `cache_len` slots.
+
+    Returns (logits, cache, positions_BP, mask_BP): logits of the last prompt token [B, V], or of
+    every slot [B, P, V] with `all_logits`.
+    """
+    B, P = tokens_BP.shape
+    positions_BP, mask_BP = padding_inputs(lengths_B, P)
+    cache = init_cache(cfg, B, cache_len)
+    x_BPD, variables = GPT2(cfg).apply(
+        {"params": params, "cache": cache}, tokens_BP, positions_BP, mask_BP,
+        decode=True, return_hidden=True, mutable=["cache"],
+    )
+    logits = lm_head(cfg, params["wte"], x_BPD if all_logits else x_BPD[:, -1:])
+    return (logits if all_logits else logits[:, 0]), variables["cache"], positions_BP, mask_BP
+
+
+def decode_step(cfg: ModelConfig, params, cache, tokens_BT: jax.Array, positions_BT: jax.Array):
+    """Feed new tokens at the cache's next slots; returns (logits [B, T, V], cache)."""
+    logits, variables = GPT2(cfg).apply(
+        {"params": params, "cache": cache}, tokens_BT, positions_BT, jnp.ones(tokens_BT.shape, bool),
+        decode=True, mutable=["cache"],
+    )
+    return logits, variables["cache"]
 
 
 def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh, rules) -> tuple[TrainState, TrainState]:

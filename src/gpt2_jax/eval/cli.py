@@ -75,7 +75,7 @@ def _data_layout() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2_jax.eval",
         description="Evaluate a GPT-2 on the GPT-2 paper's zero-shot language-modeling tasks.",
@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--output", default="eval_results.json", help="JSON report path, a gs:// or s3:// URL too (default eval_results.json)")
     parser.add_argument("--allow-nonfinite", action="store_true", help="load weights that hold NaN or inf (refused by default)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         tasks = parse_tasks(args.task)
         stride = parse_stride(args.stride)

@@ -15,8 +15,10 @@ import numpy as np
 
 from gpt2_jax import files
 from gpt2_jax.config import PRESETS, ModelConfig
+from gpt2_jax.eval.common import Options
 from gpt2_jax.eval.scoring import Scorer
-from gpt2_jax.eval.tasks import PAPER_SOURCE, TASKS, Options
+from gpt2_jax.eval.tasks import TASKS
+from gpt2_jax.published import PAPER_SOURCE
 
 PAPER_NAMES = {"small": "117M", "medium": "345M", "large": "762M", "xl": "1542M"}
 

@@ -6,6 +6,8 @@ fixed-size buffer of `bucket + max_new_tokens` slots. Prefill, sampling and the 
 (`lax.while_loop`) are one jitted function, so a generation compiles once per (batch size, bucket,
 max_new_tokens, sampling mode) and never per token. Streaming goes through an ordered
 `io_callback` from inside that loop, so it does not split the generation into several calls.
+The model's prefill and decode steps are pure functions of `gpt2_jax.step`; the paper's generation
+tasks (prompts, postprocessing, metrics) are `gpt2_jax.generate.tasks`.
 
 Parameters are placed like training's (`sharding.Placement`: FSDP over every device by default), so
 a model that trains on 8 chips also samples on them. The command line is `gpt2_jax.generate.cli`.
@@ -13,6 +15,7 @@ a model that trains on 8 chips also samples on them. The command line is `gpt2_j
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,7 +30,8 @@ from jax.experimental import io_callback
 
 from gpt2_jax import sharding
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, abstract_params, init_cache, length_bucket, lm_head
+from gpt2_jax.model import abstract_params, length_bucket
+from gpt2_jax.step import decode_step, prefill
 from gpt2_jax.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 
@@ -156,14 +160,31 @@ def sample_logits(
 # The decode loop
 
 
-# The streaming sink is looked up at run time so that the jitted function does not depend on the
-# Python callable (a new callable per call would otherwise force a new compilation).
-_STREAM_SINK: list[Callable[[int, np.ndarray, np.ndarray], None]] = []
+class TokenStream:
+    """Where a Generator's decode loop sends each token as it is produced: to the `on_tokens` of the
+    call in progress. The compiled program calls this object, which stays the same from call to call
+    (a new callable per call would compile a new program); the call sets and clears its sink."""
 
+    def __init__(self):
+        self.sink: Callable[[int, np.ndarray, np.ndarray], None] | None = None
 
-def _emit(t, tokens_B, active_B):
-    if _STREAM_SINK:
-        _STREAM_SINK[-1](int(t), np.asarray(tokens_B), np.asarray(active_B))
+    def __call__(self, t, tokens_B, active_B):
+        if self.sink is not None:
+            self.sink(int(t), np.asarray(tokens_B), np.asarray(active_B))
+
+    @contextlib.contextmanager
+    def sending_to(self, sink: Callable[[int, np.ndarray, np.ndarray], None] | None):
+        """Tokens go to `sink` while the block runs (None: the block does not stream)."""
+        if sink is None:
+            yield
+            return
+        if self.sink is not None:
+            raise GenerationError("this Generator is already streaming a generation")
+        self.sink = sink
+        try:
+            yield
+        finally:
+            self.sink = None
 
 
 def decode_loop(
@@ -180,7 +201,7 @@ def decode_loop(
     temperature: jax.Array | float,
     top_p: jax.Array | float,
     eot_id: int | None,
-    stream: bool = False,
+    stream: Callable[[Any, jax.Array, jax.Array], None] | None = None,
     stop_ids: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """Sample up to `max_new_tokens` tokens per row with a `lax.while_loop` (call under jit).
@@ -188,7 +209,8 @@ def decode_loop(
     step_fn(state, tokens_B1, positions_B1) -> (next logits [B, V], state) is the model with its
     cache (or a fake in tests); `logits_BV` are the logits after the prompt; `positions_B` the
     position of the first new token. A row that emits `eot_id` (or one of `stop_ids`) stops; its
-    later slots hold eot_id. Returns (tokens [B, max_new_tokens], lengths [B]).
+    later slots hold eot_id. `stream(t, tokens_B, active_B)`, when given, is called on the host with
+    each step's tokens, in order. Returns (tokens [B, max_new_tokens], lengths [B]).
     """
     B = logits_BV.shape[0]
     pad = eot_id if eot_id is not None else 0
@@ -202,8 +224,8 @@ def decode_loop(
         out_BN = out_BN.at[:, t].set(jnp.where(active_B, tok_B, pad))
         stop_B = active_B & jnp.isin(tok_B, jnp.array(stops, jnp.int32)) if stops else jnp.zeros_like(done_B)
         lengths_B = lengths_B + (active_B & ~stop_B).astype(jnp.int32)
-        if stream:
-            io_callback(_emit, None, t, tok_B, active_B & ~stop_B, ordered=True)
+        if stream:  # None (or False): no streaming
+            io_callback(stream, None, t, tok_B, active_B & ~stop_B, ordered=True)
         return out_BN, lengths_B, done_B | stop_B
 
     out_BN = jnp.full((B, max_new_tokens), pad, jnp.int32)
@@ -234,41 +256,6 @@ def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> 
         if len(p):
             row[bucket - len(p):] = p
     return tokens, lengths
-
-
-def padding_inputs(lengths_B: jax.Array, bucket: int) -> tuple[jax.Array, jax.Array]:
-    """Per-row positions (real tokens start at 0) and the input mask of a left-padded batch."""
-    offset_B = bucket - lengths_B
-    slot_T = jnp.arange(bucket)
-    mask_BT = slot_T[None, :] >= offset_B[:, None]
-    positions_BT = jnp.maximum(slot_T[None, :] - offset_B[:, None], 0)
-    return positions_BT.astype(jnp.int32), mask_BT
-
-
-def prefill(cfg: ModelConfig, params, tokens_BP: jax.Array, lengths_B: jax.Array, cache_len: int, *, all_logits: bool = False):
-    """Run a left-padded prompt batch through the model into a fresh cache of `cache_len` slots.
-
-    Returns (logits, cache, positions_BP, mask_BP): logits of the last prompt token [B, V], or of
-    every slot [B, P, V] with `all_logits`.
-    """
-    B, P = tokens_BP.shape
-    positions_BP, mask_BP = padding_inputs(lengths_B, P)
-    cache = init_cache(cfg, B, cache_len)
-    x_BPD, variables = GPT2(cfg).apply(
-        {"params": params, "cache": cache}, tokens_BP, positions_BP, mask_BP,
-        decode=True, return_hidden=True, mutable=["cache"],
-    )
-    logits = lm_head(cfg, params["wte"], x_BPD if all_logits else x_BPD[:, -1:])
-    return (logits if all_logits else logits[:, 0]), variables["cache"], positions_BP, mask_BP
-
-
-def decode_step(cfg: ModelConfig, params, cache, tokens_BT: jax.Array, positions_BT: jax.Array):
-    """Feed new tokens at the cache's next slots; returns (logits [B, T, V], cache)."""
-    logits, variables = GPT2(cfg).apply(
-        {"params": params, "cache": cache}, tokens_BT, positions_BT, jnp.ones(tokens_BT.shape, bool),
-        decode=True, mutable=["cache"],
-    )
-    return logits, variables["cache"]
 
 
 @functools.partial(
@@ -339,6 +326,7 @@ class Generator:
         self.config = config
         self.placement = placement if placement is not None else sharding.placement(config, devices=jax.local_devices())
         self.params = self.placement.place(abstract_params(config), params)
+        self._stream = TokenStream()  # compiled into this Generator's streaming programs
 
     def generate_tokens(
         self,
@@ -352,7 +340,7 @@ class Generator:
         """Continue a batch of token-id prompts.
 
         on_tokens(step, tokens_B, active_B) is called from inside the decode loop as each token is
-        produced (active_B is False for rows that have stopped).
+        produced (active_B is False for rows that have stopped); one streaming call at a time.
         """
         cfg, n = self.config, sampling.max_new_tokens
         prompts = fit_prompts(prompts, cfg, n, truncate)
@@ -364,17 +352,12 @@ class Generator:
                 np.float32(sampling.temperature), np.float32(sampling.top_p))
         kw = dict(cfg=cfg, rules=self.placement.rules_for_rows(len(prompts)), max_new_tokens=n, greedy=sampling.greedy,
                   top_k=sampling.top_k if not sampling.greedy else 0,
-                  use_top_p=sampling.top_p < 1.0 and not sampling.greedy, eot_id=eot, stream=on_tokens is not None,
+                  use_top_p=sampling.top_p < 1.0 and not sampling.greedy, eot_id=eot,
+                  stream=self._stream if on_tokens is not None else None,
                   stop_ids=tuple(sorted({t for t in sampling.stop_ids if t < cfg.vocab_size})))
-        if on_tokens is not None:
-            _STREAM_SINK.append(on_tokens)
-        try:
-            with jax.set_mesh(self.placement.mesh):
-                out, lens = _generate_jit(*args, **kw)
+        with self._stream.sending_to(on_tokens), jax.set_mesh(self.placement.mesh):
+            out, lens = _generate_jit(*args, **kw)
             out, lens = np.asarray(out), np.asarray(lens)  # waits, so every callback has run
-        finally:
-            if on_tokens is not None:
-                _STREAM_SINK.pop()
         return GenerationResult(out, lens)
 
     def generate(self, prompts: Sequence[str], sampling: SamplingConfig = SamplingConfig(), *, seed: int = 0,

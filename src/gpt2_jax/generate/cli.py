@@ -1,5 +1,5 @@
 """`python -m gpt2_jax.generate`: sample text from a model, or run the paper's zero-shot task
-prompts (`gpt2_jax.prompts`) over a jsonl file and score them."""
+prompts (`gpt2_jax.generate.tasks`) over a jsonl file and score them."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import jax
 
-from gpt2_jax import convert, memory, prompts, weights
+from gpt2_jax import convert, memory, weights
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.storage import StorageError
 from gpt2_jax.config import ConfigError
-from gpt2_jax.generate import EOT_ID, GenerationError, Generator, SamplingConfig, encode_prompt, prompt_bucket
+from gpt2_jax.generate import EOT_ID, GenerationError, Generator, SamplingConfig, encode_prompt, prompt_bucket, tasks
 from gpt2_jax.tokenizer import get_tokenizer
 
 
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="text to continue (<|endoftext|> in it is the special token)")
     src.add_argument("--prompt-file", help="file whose UTF-8 text is the prompt")
     src.add_argument("--unconditional", action="store_true", help="sample from <|endoftext|> alone")
-    src.add_argument("--task", choices=sorted(prompts.TASKS), help="zero-shot task format from the GPT-2 paper, run over --input")
-    p.add_argument("--input", help="with --task: a jsonl file of task records (see gpt2_jax.prompts for the fields), "
+    src.add_argument("--task", choices=sorted(tasks.TASKS), help="zero-shot task format from the GPT-2 paper, run over --input")
+    p.add_argument("--input", help="with --task: a jsonl file of task records (see gpt2_jax.generate.tasks for the fields), "
                                    "or for coqa a CoQA JSON file (coqa-dev-v1.0.json)")
     p.add_argument("--output", help="with --task: write one jsonl record per input with the prediction")
     p.add_argument("--shots", type=int, default=None,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     expected = (GenerationError, ConfigError, convert.ConversionError, CheckpointError,
-                prompts.TaskError, StorageError, OSError)
+                tasks.TaskError, StorageError, OSError)
     try:
         if args.task is None and args.prompt is None and args.prompt_file is None and not args.unconditional:
             raise GenerationError("give --prompt, --prompt-file, --unconditional or --task")
@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.seed < 2**32:  # a 32-bit seed: a larger one would wrap around silently
             raise GenerationError(f"--seed must be in [0, {2**32 - 1}], got {args.seed}")
         if args.task is not None:
-            sampling = _sampling_from_args(args, **prompts.TASKS[args.task].sampling)
+            sampling = _sampling_from_args(args, **tasks.TASKS[args.task].sampling)
         else:
             sampling = _sampling_from_args(args, max_new_tokens=100, top_k=40)
         if args.task is not None and not args.input:
             raise GenerationError("--task needs --input FILE.jsonl")
         if args.task is not None:
-            records = prompts.read_records(args.input, args.task)  # check the file before loading a model
+            records = tasks.read_records(args.input, args.task)  # check the file before loading a model
         elif args.unconditional:
             prompt_tokens = [EOT_ID]
         else:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, params = weights.load(args.model, seed=args.seed, allow_nonfinite=args.allow_nonfinite)
         gen = Generator(cfg, params)
         if args.task is not None:
-            report = prompts.run_task(
+            report = tasks.run_task(
                 gen, args.task, records, sampling, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
                 seed=args.seed, truncate=args.truncate, output=args.output,
             )
@@ -159,14 +159,14 @@ def _read_prompt_file(path: str) -> str:
 
 
 def _sample_cli(gen: Generator, prompt_tokens: list[int], sampling: SamplingConfig, args) -> None:
-    prompts_ = [prompt_tokens] * args.num_samples
+    prompts = [prompt_tokens] * args.num_samples
     if args.num_samples == 1:
         stream = _TextStream(sys.stdout)
-        gen.generate_tokens(prompts_, sampling, seed=args.seed, truncate=args.truncate, on_tokens=stream)
+        gen.generate_tokens(prompts, sampling, seed=args.seed, truncate=args.truncate, on_tokens=stream)
         stream.close()
         sys.stdout.write("\n")
         return
-    result = gen.generate_tokens(prompts_, sampling, seed=args.seed, truncate=args.truncate)
+    result = gen.generate_tokens(prompts, sampling, seed=args.seed, truncate=args.truncate)
     enc = get_tokenizer()
     for i, row in enumerate(result.rows()):
         print(f"{'=' * 30} SAMPLE {i + 1} {'=' * 30}")

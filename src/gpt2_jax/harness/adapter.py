@@ -14,17 +14,28 @@ from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval lists its own models only in an empty registry: first)
 import numpy as np
-from lm_eval.__main__ import cli_evaluate
+from lm_eval.__main__ import HarnessCLI, setup_logging
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from gpt2_jax import weights
+from gpt2_jax.checkpoint import CheckpointError
+from gpt2_jax.config import ConfigError
 from gpt2_jax.eval.scoring import Scorer
 from gpt2_jax.generate import Generator, SamplingConfig
+from gpt2_jax.storage import StorageError
 from gpt2_jax.tokenizer import EOT_ID, EOT_TOKEN, get_tokenizer
 
 MODEL_NAME = "gpt2_jax"
+
+
+class HarnessError(Exception):
+    """A command line that cannot run: no tasks (exit_code 2), or a `model=` that is not a model (1)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @register_model(MODEL_NAME)
@@ -153,6 +164,32 @@ class GPT2JaxLM(TemplateLM):
 
 
 def run_lm_eval(argv: list[str]) -> None:
-    """lm-eval's own command line (`lm_eval ARGS`), in this process where `gpt2_jax` is registered."""
-    sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    """lm-eval's own command line (`lm_eval ARGS`), in this process where `gpt2_jax` is registered
+    (lm_eval.__main__.cli_evaluate, with `check_run` between parsing and running)."""
+    saved, sys.argv = sys.argv, ["lm_eval", *argv]  # lm-eval's parser reads sys.argv
+    try:
+        setup_logging()
+        parser = HarnessCLI()
+        args = parser.parse_args()
+        if getattr(args, "command", None) == "run":
+            check_run(args)
+        parser.execute(args)
+    finally:
+        sys.argv = saved
+
+
+def check_run(args) -> None:
+    """Refuse, before lm-eval indexes its tasks (seconds) and loads the model, a `--model gpt2_jax`
+    whose `model=` is missing or not a model, then a run without tasks (HarnessError, one line)."""
+    if args.model == MODEL_NAME:
+        source = (args.model_args or {}).get("model")
+        if source is None:
+            raise HarnessError(f"--model {MODEL_NAME} needs --model_args model=PATH "
+                               "(a checkpoint, run directory, HF directory or random:SIZE)", exit_code=2)
+        try:
+            weights.load_config(str(source))
+        except (CheckpointError, ConfigError, StorageError, OSError) as e:
+            raise HarnessError(f"--model_args model={source}: {e}") from e
+    if not args.tasks and not args.config:
+        raise HarnessError("no tasks: pass --tasks NAME[,NAME...] (lm-eval's task names, e.g. hellaswag,arc_easy; "
+                           "`python -m gpt2_jax.harness ls tasks` lists them)", exit_code=2)
