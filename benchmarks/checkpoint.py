@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_jax import checkpoint as C
-from gpt2_jax import optim, sharding, step
+from gpt2_jax import optim, sharding, step, storage
 from gpt2_jax.config import SIZES, get_model_config
 
 
@@ -49,7 +49,7 @@ def save_restore(size: str, root: Path, repeats: int) -> dict[str, float]:
     out = {"blocking": [], "save": [], "restore": []}
     for i in range(repeats):
         run = root / f"save-{i}"
-        ck = C.Checkpointer(run, C.CheckpointOptions(every=1, keep=1, keep_best=0))
+        ck = C.Checkpointer(run, C.CheckpointOptions(keep=1, keep_best=0))
         t0 = time.perf_counter()
         assert ck.save(1, state, config={"model": cfg.to_dict()})
         t1 = time.perf_counter()
@@ -62,7 +62,7 @@ def save_restore(size: str, root: Path, repeats: int) -> dict[str, float]:
         restored = C.Checkpointer(run, read_only=True).restore_latest(abstract)
         jax.block_until_ready(restored.state)
         out["restore"].append(time.perf_counter() - t0)
-        nbytes = C._dir_bytes(run / "checkpoints" / "1")
+        nbytes = storage.tree_bytes(run / "checkpoints" / "1")
         del restored
         if i + 1 < repeats:
             shutil.rmtree(run)
@@ -80,7 +80,7 @@ def loop(size: str, root: Path, rounds: int, every: int, seq_len: int, batch: in
     _, state, train_step, batch_arrays = _setup(size, seq_len, batch)
     state, m = train_step(state, batch_arrays)  # compile
     float(m["loss"])
-    cks = {mode: C.Checkpointer(root / f"loop-{mode}", C.CheckpointOptions(every=every, keep=1, keep_best=0, async_save=mode == "async"))
+    cks = {mode: C.Checkpointer(root / f"loop-{mode}", C.CheckpointOptions(keep=1, keep_best=0, async_save=mode == "async"))
            for mode in ("async", "sync")}
     totals = {"off": 0.0, "async": 0.0, "sync": 0.0}
     step = 0

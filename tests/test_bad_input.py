@@ -215,3 +215,130 @@ def test_a_build_removes_incomplete_folders_of_killed_builds(tmp_path, capsys):
         assert not stale.exists()
     assert "left by a build that did not finish" in capsys.readouterr().err
     os.remove(parent / ".build.lock")
+
+
+# ----------------------------------------------------------------------------- lm-evaluation-harness
+
+
+@pytest.mark.parametrize("tasks", [["--tasks", "x"], []])
+def test_harness_names_a_missing_model_before_lm_eval_starts(tmp_path, capsys, tasks):
+    from gpt2_jax.harness.cli import main as harness_main
+
+    missing = tmp_path / "nonexistent"
+    code = harness_main(["--model", "gpt2_jax", "--model_args", f"model={missing}", *tasks])
+    one_line(capsys, code, 1, f"--model_args model={missing}: {missing} does not exist", "random:SIZE")
+
+
+@pytest.mark.parametrize("args,code,needles", [
+    (["--model_args", "model=random:tiny"], 2, ["no tasks: pass --tasks NAME", "ls tasks"]),
+    (["--tasks", "hellaswag"], 2, ["--model gpt2_jax needs --model_args model=PATH"]),
+    (["--model_args", "model=random:huge", "--tasks", "hellaswag"], 1, ["model=random:huge: unknown model size 'huge'"]),
+    (["--model_args", "model=random:tiny", "--tasks", "x"], 2, ["--tasks x: no such lm-eval task", "ls tasks", "--include_path"]),
+])
+def test_harness_settings_are_one_line(capsys, args, code, needles):
+    from gpt2_jax.harness.cli import main as harness_main
+
+    one_line(capsys, harness_main(["--model", "gpt2_jax", *args]), code, *needles)
+
+
+# ----------------------------------------------------------------------------- data: raw files and token stores
+
+
+def _bad_fineweb_file(path: Path, case: str) -> None:
+    """A FineWeb-Edu parquet file in the released schema (test_data's writer), then spoiled."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_data import write_fineweb_parquet
+
+    write_fineweb_parquet(path, ["one document.", "another document."], row_group_size=1)
+    table = pq.read_table(path)
+    if case == "int":
+        table = table.set_column(table.schema.get_field_index("text"), "text", pa.array([1, 2], pa.int64()))
+    elif case == "missing":
+        table = table.drop_columns(["text"])
+    pq.write_table(table, path, row_group_size=1)
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("int", ["column 'text' holds int64 values, expected a string column"]),
+    ("missing", ["no column 'text' (has: id, dump,", "a string column 'text'"]),
+    ("truncated", ["not a readable parquet file"]),
+])
+def test_fineweb_edu_bad_parquet_is_one_line_and_leaves_the_cache_alone(tmp_path, capsys, monkeypatch, case, needles):
+    from gpt2_jax.data.__main__ import main as data_main
+
+    monkeypatch.setenv("GPT2_JAX_OFFLINE", "1")
+    bad = tmp_path / "data" / "fineweb_edu" / "sample" / "10BT" / "000_00000.parquet"
+    _bad_fineweb_file(bad, case)
+    cache = tmp_path / "cache"
+    (cache / "tokens").mkdir(parents=True)
+    (cache / "tokens" / "kept.txt").write_text("an earlier store")
+    before = _snapshot(cache)
+    code = data_main(["prepare", "--dataset", "fineweb_edu", "--manual-dir", str(tmp_path / "data"),
+                      "--cache-dir", str(cache), "--quiet"])
+    one_line(capsys, code, 1, f"error: {bad}: ", *needles)
+    assert _snapshot(cache) == before  # no tfds/ folders, no .build.lock
+    code = data_main(["prepare", "--dataset", "fineweb_edu", "--manual-dir", str(tmp_path / "data"),
+                      "--cache-dir", str(tmp_path / "new"), "--quiet"])
+    one_line(capsys, code, 1, f"error: {bad}: ", *needles)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture
+def unreachable_gcs(monkeypatch):
+    """gs:// URLs pointed at a port on this machine that nobody listens on, anonymously."""
+    import socket
+
+    import fsspec
+
+    with socket.socket() as s:  # a port on this machine that nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+
+
+def test_an_unreachable_token_store_is_one_line_naming_it_in_seconds(tmp_path, capsys, unreachable_gcs):
+    from gpt2_jax.data import DataError, SplitTokens
+    from gpt2_jax.data.__main__ import main as data_main
+
+    url = "gs://nobucket/x"
+    start = time.perf_counter()
+    code = data_main(["prepare", "--dataset", url, "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert time.perf_counter() - start < 15  # gcsfs alone retries for about a minute
+    one_line(capsys, code, 1, f"error: {url}: the token store could not be reached (no answer within")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=f"^{url}: the token store could not be reached"):
+        SplitTokens(url, "train")  # what the training loop opens for dataset=URL
+    assert time.perf_counter() - start < 15
+    assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- a failed start leaves nothing
+
+
+def test_train_from_broken_weights_names_init_from_and_leaves_no_run_directory(tmp_path, hf_dir, capsys, shared_data):
+    weights_file = hf_dir / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:200])  # a valid config.json beside a broken file
+    run_dir = tmp_path / "run"
+    code = train_main(["tiny", f"init_from={hf_dir}", "seq_len=16", "batch_size=8", "steps=1", "eval_batches=1",
+                       "sample_tokens=1", f"run_dir={run_dir}"])
+    one_line(capsys, code, 2, f"error: init_from={hf_dir}: ", "model.safetensors")
+    assert not run_dir.exists()  # no .lock, no library.log, no folder
+    run_dir.mkdir()  # an existing, empty run directory stays as it was
+    code = train_main(["tiny", f"init_from={hf_dir}", "seq_len=16", "batch_size=8", "steps=1", "eval_batches=1",
+                       "sample_tokens=1", f"run_dir={run_dir}"])
+    one_line(capsys, code, 2, f"error: init_from={hf_dir}: ")
+    assert run_dir.is_dir() and not list(run_dir.iterdir())
+
+
+def test_train_on_an_unreachable_token_store_names_dataset_in_seconds(tmp_path, capsys, unreachable_gcs):
+    run_dir = tmp_path / "run"
+    start = time.perf_counter()
+    code = train_main(["tiny", "dataset=gs://nobucket/x", "seq_len=16", "batch_size=8", "steps=1", f"run_dir={run_dir}"])
+    assert time.perf_counter() - start < 20  # checked before the step is compiled
+    one_line(capsys, code, 2, "error: dataset=gs://nobucket/x: the token store could not be reached")
+    assert not run_dir.exists()
+

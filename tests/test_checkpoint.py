@@ -26,6 +26,7 @@ from gpt2_jax import weights as W
 from gpt2_jax.config import ModelConfig
 from gpt2_jax.convert import load_hf
 from gpt2_jax.model import GPT2, stack_layers
+from gpt2_jax.train.preemption import PreemptionGuard
 from helpers import random_hf_gpt2
 
 CFG = ModelConfig(vocab_size=101, n_ctx=32, n_embd=60, n_layer=2, n_head=3)
@@ -72,7 +73,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-def save_steps(run_dir, steps, *, options=C.CheckpointOptions(every=1, keep=10, keep_best=0), val=None):
+def save_steps(run_dir, steps, *, options=C.CheckpointOptions(keep=10, keep_best=0), val=None):
     """Save the states after each of `steps` fake updates; returns {step: state}."""
     states = {}
     with C.Checkpointer(run_dir, options) as ck:
@@ -101,29 +102,11 @@ def test_round_trip_is_exact_with_all_items(tmp_path):
     assert_trees_equal(ck.restore(3, C.abstract_like(states[3])).state, states[3])
 
 
-def test_restore_or_init(tmp_path):
-    fresh = make_state(seed=7)
-    ck = C.Checkpointer(tmp_path)
-    state, restored = C.restore_or_init(ck, C.abstract_like(fresh), lambda: fresh)
-    assert restored is None and state is fresh
-    ck.save(4, make_state(steps=4), data_state={"step": 4})
-    ck.close()
-    state, restored = C.restore_or_init(C.Checkpointer(tmp_path), C.abstract_like(fresh), lambda: fresh)
-    assert restored.step == 4 and restored.data_state == {"step": 4}
-    assert_trees_equal(state, make_state(steps=4))
-
-
 def test_keeps_latest_k_and_best_m_by_validation_loss(tmp_path):
     val = {2: 3.0, 4: 1.0, 6: 2.0, 10: 2.5}
-    save_steps(tmp_path, [2, 4, 6, 8, 10, 12], options=C.CheckpointOptions(every=2, keep=2, keep_best=2), val=val)
+    save_steps(tmp_path, [2, 4, 6, 8, 10, 12], options=C.CheckpointOptions(keep=2, keep_best=2), val=val)
     # latest two: 10, 12; best two by val_loss: 4 (1.0), 6 (2.0); 2 and 8 are gone.
     assert C.Checkpointer(tmp_path, read_only=True).steps() == [4, 6, 10, 12]
-
-
-def test_should_save_every_n(tmp_path):
-    ck = C.Checkpointer(tmp_path, C.CheckpointOptions(every=5))
-    assert [s for s in range(1, 16) if ck.should_save(s)] == [5, 10, 15]
-    assert not C.Checkpointer(tmp_path, C.CheckpointOptions(every=0)).should_save(5)
 
 
 def test_load_params_from_run_step_and_params_only_dirs(tmp_path):
@@ -265,7 +248,7 @@ def test_failed_async_write_is_reported_and_keeps_earlier_checkpoints(tmp_path, 
 
 
 def test_preemption_guard_turns_signals_into_a_stop_request():
-    with C.PreemptionGuard() as guard:
+    with PreemptionGuard() as guard:
         assert not guard.stop(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.stop(2) and guard.signal_name == "SIGTERM"

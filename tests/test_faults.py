@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import checkpoint as C
+from gpt2_jax import run_dir
 from gpt2_jax import weights as W
 from helpers import run_losses
 
@@ -62,14 +63,14 @@ atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
     "mid-eval": """
 from gpt2_jax import sharding
 from gpt2_jax.train import loop
-evaluate, calls = loop.evaluate, []
+evaluate, calls = loop.validation_loss, []
 def killing_evaluate(eval_step, params, batches, mesh):
     calls.append(1)
     if len(calls) == 3:
         eval_step(params, sharding.shard_batch(batches[0], mesh))["loss_sum"].block_until_ready()
         die("evaluation after step 15, one batch done")
     return evaluate(eval_step, params, batches, mesh)
-loop.evaluate = killing_evaluate
+loop.validation_loss = killing_evaluate
 """,
     # Step 5 is being deleted (after step 15's save): half of its items are gone.
     "mid-prune": """
@@ -165,7 +166,7 @@ def test_sigkill_then_resume(tmp_path, env, reference, fault):
     assert code == 0, out
     assert "Traceback" not in out
     assert_same_as_reference(tmp_path, reference)
-    starts = C.read_history(tmp_path)
+    starts = run_dir.read_history(tmp_path)
     assert len(starts) == 2 and starts[1]["start_step"] in (5, 10, 15) and starts[1]["changed"] == {}
 
 
@@ -173,7 +174,7 @@ def _snapshot(path):
     """Every file with its size and modification time; the lock file's holder record aside."""
     return sorted(
         (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in path.rglob("*") if p.is_file() and p.name != C.LOCK_FILE
+        for p in path.rglob("*") if p.is_file() and p.name != run_dir.LOCK_FILE
     )
 
 
@@ -224,7 +225,7 @@ def test_two_concurrent_starts(tmp_path, env, reference):
     assert len(error) == 1 and f"is in use by pid {first.pid}" in error[0], out
     rest, _ = first.communicate(timeout=600)
     assert first.returncode == 0, "".join(lines) + rest
-    assert [s["pid"] for s in C.read_history(tmp_path)] == [first.pid]  # the refused start wrote nothing
+    assert [s["pid"] for s in run_dir.read_history(tmp_path)] == [first.pid]  # the refused start wrote nothing
     assert_same_as_reference(tmp_path, reference)
 
 
@@ -244,7 +245,7 @@ def test_what_a_resume_may_change(tmp_path, env):
     code, out = run(tmp_path, env8, extra=["mesh=2,2,2", "strategy=fsdp_tp", "batch_size=8", "lr=2e-3", "steps=24"])
     assert code == 0, out
     assert re.search(r"resumed from checkpoint step (5|10) ", out), out  # 10 unless its save was still in flight
-    changed = C.read_history(tmp_path)[-1]["changed"]
+    changed = run_dir.read_history(tmp_path)[-1]["changed"]
     assert {"train.mesh", "train.strategy", "train.lr", "train.steps"} <= set(changed) and changed["train.steps"] == [20, 24]
     assert sorted(run_losses(tmp_path)) == list(range(1, 25))
     assert C.complete_steps(tmp_path / "checkpoints")[-1] == 24

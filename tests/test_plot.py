@@ -52,3 +52,12 @@ def test_hellaswag_is_a_third_panel(tmp_path):
                                             "hellaswag_acc_per_token": 24 + s / 5}) + "\n" for s in (10, 20)))
     png = plot.plot_run(tmp_path / "run").read_bytes()
     assert int.from_bytes(png[16:20], "big") == 2000  # loss, learning rate, HellaSwag, throughput
+
+
+def test_the_published_figure_pulls_in_neither_jax_nor_the_evaluation():
+    """The plot's HellaSwag reference comes from gpt2_jax.published (numbers only), not from the
+    evaluation package and its scorer."""
+    code = ("import sys, gpt2_jax.published; assert 'jax' not in sys.modules; import gpt2_jax.plot; "
+            "assert not [m for m in sys.modules if m.startswith('gpt2_jax.eval')]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

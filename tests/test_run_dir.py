@@ -2,6 +2,7 @@
 clean metrics, one-line warnings. (The end-to-end fault matrix is tests/test_faults.py, slow.)"""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -12,6 +13,8 @@ import traceback
 import pytest
 
 from gpt2_jax import checkpoint as C
+from gpt2_jax import run_dir as R
+from gpt2_jax.errors import one_line
 from gpt2_jax import files, metrics
 from gpt2_jax.config import ModelConfig
 from test_checkpoint import CFG, make_state, save_steps
@@ -45,31 +48,31 @@ def test_structure_differences_name_missing_extra_and_reshaped_leaves():
 
 
 def test_run_lock_refuses_a_second_holder_and_takes_over_a_dead_one(tmp_path):
-    with C.RunLock(tmp_path) as lock:
+    with R.RunLock(tmp_path) as lock:
         assert lock.previous is None
-        with pytest.raises(C.RunDirInUse, match=f"in use by pid {os.getpid()} on host"):
-            C.RunLock(tmp_path).acquire()
+        with pytest.raises(R.RunDirInUse, match=f"in use by pid {os.getpid()} on host"):
+            R.RunLock(tmp_path).acquire()
     # Another process takes the lock and is killed without releasing it.
-    code = "import sys, time; from gpt2_jax import checkpoint as C; C.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+    code = "import sys, time; from gpt2_jax import run_dir as R; R.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(C.RunDirInUse, match=f"in use by pid {holder.pid}"):
-        C.RunLock(tmp_path).acquire()
+    with pytest.raises(R.RunDirInUse, match=f"in use by pid {holder.pid}"):
+        R.RunLock(tmp_path).acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    with C.RunLock(tmp_path) as lock:
+    with R.RunLock(tmp_path) as lock:
         assert lock.previous["pid"] == holder.pid  # detected, and taken over
-    assert (tmp_path / C.LOCK_FILE).read_text() == ""  # a clean release leaves no holder
+    assert (tmp_path / R.LOCK_FILE).read_text() == ""  # a clean release leaves no holder
 
 
 def test_history_records_each_start_and_what_changed(tmp_path):
     a = {"model": {"n_layer": 2}, "train": {"lr": 1e-3, "steps": 10}}
     b = {"model": {"n_layer": 2}, "train": {"lr": 2e-3, "steps": 20}}
-    assert C.record_start(tmp_path, a, 0) == {}
-    assert C.record_start(tmp_path, b, 8) == {"train.lr": [1e-3, 2e-3], "train.steps": [10, 20]}
-    history = C.read_history(tmp_path)
+    assert R.record_start(tmp_path, a, 0) == {}
+    assert R.record_start(tmp_path, b, 8) == {"train.lr": [1e-3, 2e-3], "train.steps": [10, 20]}
+    history = R.read_history(tmp_path)
     assert [h["start_step"] for h in history] == [0, 8] and history[1]["pid"] == os.getpid()
-    assert json.loads((tmp_path / C.CONFIG_FILE).read_text()) == b
+    assert json.loads((tmp_path / R.CONFIG_FILE).read_text()) == b
     save_steps(tmp_path, [2])
     listing = C.list_run(tmp_path)
     assert "starts (config_history.jsonl):" in listing and "train.lr: 0.001 -> 0.002" in listing and "first start" in listing
@@ -93,9 +96,26 @@ def test_a_warning_is_one_line_and_its_detail_goes_to_the_log(tmp_path, capfd):
         raise ValueError("OUT_OF_RANGE: " + "x" * 2000 + "\nsecond line: File too large [os_error_code='27']")
     except ValueError as e:
         error = e
-    ck.warn(f"warning: something failed ({C.cause(error)})", "".join(traceback.format_exception(error)))
+    ck.warn(f"warning: something failed ({one_line(error)})", "".join(traceback.format_exception(error)))
     ck.close()
     err = capfd.readouterr().err.strip()
-    assert err.count("\n") == 0 and len(C.cause(error)) <= 200 and "File too large" in err
-    assert f"(details: {tmp_path / C.WARNINGS_LOG})" in err
-    assert "second line" in (tmp_path / C.WARNINGS_LOG).read_text() and "Traceback" in (tmp_path / C.WARNINGS_LOG).read_text()
+    assert err.count("\n") == 0 and len(one_line(error)) <= 200 and "File too large" in err
+    assert f"(details: {tmp_path / R.WARNINGS_LOG})" in err
+    assert "second line" in (tmp_path / R.WARNINGS_LOG).read_text() and "Traceback" in (tmp_path / R.WARNINGS_LOG).read_text()
+
+
+def test_holding_a_run_directory_puts_back_what_it_changed_and_a_failed_start_leaves_nothing(tmp_path):
+    handlers, hook = logging.getLogger().handlers[:], sys.unraisablehook
+    with R.hold(tmp_path / "run") as run:
+        assert logging.getLogger().handlers != handlers  # the libraries' logs go to library.log meanwhile
+        run.record_start({"train": {"lr": 1.0}}, 0)
+    assert logging.getLogger().handlers == handlers and sys.unraisablehook is hook
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [R.LOCK_FILE, R.CONFIG_FILE, R.HISTORY_FILE]  # no empty log
+    with pytest.raises(RuntimeError, match="refused"):
+        with R.hold(tmp_path / "new"):
+            logging.getLogger("orbax").error("a library's report")
+            assert (tmp_path / "new" / R.LIBRARY_LOG).is_file()
+            raise RuntimeError("refused")  # before the start was recorded
+    assert not (tmp_path / "new").exists()
+    assert logging.getLogger().handlers == handlers and sys.unraisablehook is hook
+

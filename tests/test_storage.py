@@ -9,14 +9,16 @@ bucket, kills both, resumes, and evaluates and samples the run from the bucket.
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint, files, storage, weights
-from gpt2_jax.checkpoint import RunDirInUse, RunLock
+from gpt2_jax import checkpoint, files, run_dir as run_dir_lib, storage, weights
+from gpt2_jax.run_dir import RunDirInUse, RunLock
 from gpt2_jax.config import get_model_config
 from gpt2_jax.model import init_params
 from gpt2_jax.train.cli import main as train_main
@@ -28,6 +30,30 @@ def test_local_paths_stay_paths_and_unknown_schemes_are_one_line(tmp_path):
     assert not storage.is_url(tmp_path) and storage.is_url("gs://b/k") and storage.is_url("s3://b/k")
     with pytest.raises(storage.StorageError, match=r"^ftp://h/x: unsupported URL scheme ftp:// \(gpt2_jax reads local paths, gs:// and s3://\)$"):
         storage.path("ftp://h/x")
+
+
+def test_importing_and_resolving_urls_leave_fsspec_settings_alone():
+    script = ("import fsspec; before = repr(fsspec.config.conf)\n"
+              "import gpt2_jax.data, gpt2_jax.storage as s; s.path('gs://b/x'); s.fs_path('gs://b/x')\n"
+              "print(repr(fsspec.config.conf) == before)")
+    env = {**os.environ, "FSSPEC_GCS_TOKEN": "anon"}  # no credentials to look for
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_url_paths_list_afresh(gcs):
+    """Another host (or tensorstore) adds objects behind this process's filesystems: the project's
+    paths (etils.epath's filesystem, which Orbax uses too) and listings see them."""
+    import fsspec
+
+    bucket = gcs.bucket()
+    d = storage.path(f"{bucket}/d")
+    storage.write_bytes(f"{bucket}/d/a", b"1")
+    assert sorted(p.name for p in d.iterdir()) == ["a"] and sorted(storage.file_sizes(d)) == ["a"]
+    other = fsspec.filesystem("gcs", token="anon", skip_instance_cache=True)
+    other.pipe_file(f"{bucket.removeprefix('gs://')}/d/b", b"2")
+    assert sorted(p.name for p in d.iterdir()) == ["a", "b"] and sorted(storage.file_sizes(d)) == ["a", "b"]
+    assert (d / "b").exists()
 
 
 def test_whole_object_writes_append_and_create_if_absent(gcs):
@@ -106,7 +132,7 @@ def test_training_run_round_trip_on_a_bucket(gcs, tmp_path, shared_data, monkeyp
     assert names == ["checkpoints", "config.json", "config_history.jsonl", "final.json", "metrics.jsonl",
                      "tensorboard"], names
     assert checkpoint.complete_steps(run / "checkpoints") == [2, 4, 6]  # the latest 3 (ckpt_keep)
-    history = checkpoint.read_history(run_dir)
+    history = run_dir_lib.read_history(run_dir)
     assert [h["start_step"] for h in history] == [0, 4] and history[1]["changed"] == {"train.steps": [4, 6]}
     assert sorted(run_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from gpt2_jax import checkpoint, storage
+from gpt2_jax import checkpoint, run_dir, storage
 from helpers import run_losses
 from test_train_multiprocess import TRAIN_ARGS, _free_port
 
@@ -87,7 +87,7 @@ def test_pod_run_on_a_bucket_killed_and_resumed_exactly(gcs, tmp_path, shared_da
     assert "resumed from checkpoint step 3" in out and "took over the run directory" in out, out[-3000:]
     assert run_losses(run) == straight  # bit for bit, and each step once
     assert not storage.path(f"{run}/.lock").exists()
-    history = checkpoint.read_history(run)
+    history = run_dir.read_history(run)
     assert [h["start_step"] for h in history] == [0, 3]
 
     # The run is a model wherever --model is accepted: eval and generate read it from the bucket.

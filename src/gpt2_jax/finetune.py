@@ -167,18 +167,25 @@ def split_validation(examples: list, min_examples: int = 20, fraction: float = 0
 # The fine-tuning data of gpt2_jax.train (finetune_data=); init_from= weights come from gpt2_jax.weights
 
 
-def load_data(tcfg, mcfg, eval_batch_size: int):
-    """(train batches, this process's validation batches, seq_len) for `finetune_data=`.
+def read_examples(tcfg, mcfg) -> tuple[list, int]:
+    """(the encoded examples of `finetune_data=`, the sequence length that training uses for them).
 
-    seq_len 0 means: just long enough for the longest example (at most the context). The last 5%
-    of the examples are held out for validation when there are at least 20; otherwise the
-    validation loss is measured on the training examples.
+    seq_len 0 means: just long enough for the longest example (at most the context). Reads the
+    file only, so the training plan can compile its step for that length before anything else.
+    """
+    pairs = read_pairs(tcfg.finetune_data, tcfg.prompt_template, tcfg.completion_template)
+    examples = encode_pairs(pairs, tcfg.seq_len or mcfg.n_ctx)
+    return examples, tcfg.seq_len or min(mcfg.n_ctx, longest(examples) - 1)
+
+
+def load_data(tcfg, examples, seq_len: int, eval_batch_size: int):
+    """(train batches, this process's validation batches) of `read_examples`'s examples.
+
+    The last 5% of the examples are held out for validation when there are at least 20; otherwise
+    the validation loss is measured on the training examples.
     """
     import jax
 
-    pairs = read_pairs(tcfg.finetune_data, tcfg.prompt_template, tcfg.completion_template)
-    examples = encode_pairs(pairs, tcfg.seq_len or mcfg.n_ctx)
-    seq_len = tcfg.seq_len or min(mcfg.n_ctx, longest(examples) - 1)
     train_ex, val_ex = split_validation(examples)
     n, i = jax.process_count(), jax.process_index()
     train = PairLoader(train_ex, seq_len, tcfg.batch_size, tcfg.seed, shard_index=i, shard_count=n)
@@ -186,4 +193,4 @@ def load_data(tcfg, mcfg, eval_batch_size: int):
     val = [{k: v[i * rows:(i + 1) * rows] for k, v in b.items()} for b in eval_batches(val_ex or train_ex, seq_len, eval_batch_size)]
     if tcfg.eval_batches:
         val = val[: tcfg.eval_batches]
-    return train, val, seq_len
+    return train, val

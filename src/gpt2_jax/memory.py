@@ -2,8 +2,8 @@
 
 Before anything is allocated or written, `train`, `eval` and `generate` estimate their peak per
 device from the shapes alone (no model is built, so a nonsense size is refused at once) and refuse,
-in one line giving both figures and the setting to lower, what cannot fit. Once a train step is
-compiled, its `memory_analysis()` is checked the same way (`check_compiled`).
+in one line giving both figures and the setting to lower, what cannot fit. The train step's
+compiled program is then fitted to the device by `gpt2_jax.train.plan` (`compiled_bytes`).
 
 The estimates (bytes per device):
   parameters        n_params x param bytes / the devices that shard them (FSDP x tensor)
@@ -146,15 +146,3 @@ def compiled_bytes(compiled) -> int:
     donated argument counted once) and temporaries."""
     m = compiled.memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-
-
-def check_compiled(compiled, what: str, lower: str, device=None) -> int:
-    """`compiled_bytes`, refused like `check` when it does not fit."""
-    need = compiled_bytes(compiled)
-    limit, source = device_memory(device)
-    if need > (1 - MARGIN) * limit:
-        raise PreflightError(
-            f"{what} needs {need / GiB:.2f} GiB per device (its compiled program) but a device has "
-            f"{limit / GiB:.2f} GiB ({source}); {lower}"
-        )
-    return need

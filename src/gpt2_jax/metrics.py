@@ -15,7 +15,6 @@ every 10 steps is about 400 KB.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -25,29 +24,20 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
-from gpt2_jax import files, storage
-
-METRICS_FILE = "metrics.jsonl"
+from gpt2_jax import files, jsonl, storage
+from gpt2_jax.run_dir import METRICS_FILE, TENSORBOARD_DIR
 
 
 def truncate_records(path, last_step: int) -> int:
-    """Rewrite a metrics file keeping the records of steps <= `last_step` (and lines that are not
-    records), each as strict JSON. Returns how many records were dropped."""
+    """Rewrite a metrics file keeping the records of steps <= `last_step` (and records without a
+    step), each as strict JSON; a line cut short by a kill goes. Returns how many records were dropped."""
     path = storage.path(path)
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill: not a record
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > last_step:
-            dropped += 1
-            continue
-        kept.append(files.dumps(record))
-    files.write_text(path, "".join(line + "\n" for line in kept))
-    return dropped
+    records, _ = jsonl.read_tolerant(path)
+    kept = [r for r in records if not (isinstance(r.get("step"), int) and r["step"] > last_step)]
+    files.write_text(path, "".join(files.dumps(r) + "\n" for r in kept))
+    return len(records) - len(kept)
 
 
 class MetricsWriter:
@@ -71,13 +61,13 @@ class MetricsWriter:
             purge = None if resumed_from is None else resumed_from + 1
             if self.remote:
                 self.lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True) if self.path.is_file() else []
-                self.tb_url = run_dir / "tensorboard"
+                self.tb_url = run_dir / TENSORBOARD_DIR
                 self.tb_local = Path(tempfile.mkdtemp(prefix="gpt2_jax-tensorboard-"))
                 self.tb = SummaryWriter(str(self.tb_local), purge_step=purge)
                 self.flushed_at = time.monotonic()
             else:
                 self.jsonl = open(self.path, "a", encoding="utf-8")
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+                self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from gpt2_jax.config import STRATEGIES
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-STRATEGIES = ("dp", "fsdp", "fsdp_tp")
 
 # Parameters with at least this many elements must be sharded under FSDP (MaxText's guard).
 LARGE_PARAM_ELEMENTS = 1 << 20

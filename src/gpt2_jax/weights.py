@@ -29,16 +29,16 @@ import numpy as np
 
 from gpt2_jax import checkpoint, convert, files, storage
 from gpt2_jax.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, PARAMS_DIR, CheckpointError
-from gpt2_jax.config import ConfigError, ModelConfig, get_model_config
+from gpt2_jax.errors import one_line, warn
+from gpt2_jax.config import ConfigError, ModelConfig, fields_where, get_model_config
 from gpt2_jax.model import abstract_params, init_params, stack_layers, unstack_layers
 from gpt2_jax.sharding import Placement
 
 RANDOM_PREFIX = "random:"
-KINDS = ("random", "huggingface", "params", "step", "run")
 # The fields a model's weights do not determine: how it computes and lays itself out in memory. A
 # run that starts from saved weights (init_from=) takes them from its own settings.
-RUN_FIELDS = ("dtype", "embd_pdrop", "attn_pdrop", "resid_pdrop", "scan_layers", "remat_policy", "attention")
-_SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size")
+RUN_FIELDS = fields_where(ModelConfig, role=("layout", "compute"))
+_SHAPE_FIELDS = fields_where(ModelConfig, role="shape")
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -125,7 +125,7 @@ def load_config(source: str | os.PathLike) -> ModelConfig:
         try:
             return convert.config_from_hf(json.loads((path / CONFIG_FILE).read_text()))
         except (convert.ConversionError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path / CONFIG_FILE}: not a GPT-2 config ({checkpoint.short_error(e)})") from e
+            raise CheckpointError(f"{path / CONFIG_FILE}: not a GPT-2 config ({one_line(e)})") from e
     if k == "params":
         return _params_only_config(path)
     if k == "step":
@@ -158,15 +158,11 @@ def _read(source: str | os.PathLike, seed: int) -> tuple[ModelConfig, Any]:
         return _params_only_config(path), checkpoint.restore_params_dir(path / PARAMS_DIR)
     if k == "step":
         return _step_config(path), checkpoint.restore_params_dir(path / PARAMS_DIR)
-    ckpt_dir, steps = _run_steps(path)
-    errors = []
-    for step in reversed(steps):
-        try:
-            return _read(ckpt_dir / str(step), seed)
-        except CheckpointError as e:
-            checkpoint.warn(f"warning: checkpoint {ckpt_dir / str(step)} is damaged ({checkpoint.cause(e.__cause__ or e)}); trying the previous one")
-            errors.append(str(e))
-    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}: {errors[0]}")
+    ckpt_dir, _ = _run_steps(path)
+    found = checkpoint.newest_readable(ckpt_dir, lambda step: _read(ckpt_dir / str(step), seed))
+    if found is None:
+        raise CheckpointError(f"no readable checkpoint in {ckpt_dir} (see the warnings above)")
+    return found
 
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
@@ -192,7 +188,7 @@ def check_values(params: Any, where: str, *, allow_nonfinite: bool = False) -> N
             "refusing them (allow_nonfinite / --allow-nonfinite loads them anyway)"
         )
     if bad:
-        checkpoint.warn(f"warning: {where}: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:5])}")
+        warn(f"warning: {where}: {len(bad)} tensor(s) hold NaN or inf values: {', '.join(bad[:5])}")
 
 
 def _name(path) -> str:
@@ -222,7 +218,7 @@ def fit(params: Any, source: ModelConfig, config: ModelConfig, where: str = "wei
     try:
         return jax.tree.map(conform, target, params)
     except ValueError as e:
-        raise CheckpointError(f"{where}: parameter tree does not match the model ({checkpoint.short_error(e)})") from e
+        raise CheckpointError(f"{where}: parameter tree does not match the model ({one_line(e)})") from e
 
 
 def load(

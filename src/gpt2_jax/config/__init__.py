@@ -19,6 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Attention implementation (gpt2_jax.attention): auto = the platform's flash kernel where dtype and
 # shapes allow (cuDNN on NVIDIA GPUs, Pallas splash on TPUs), XLA elsewhere.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# Sharding strategies (their rules are `gpt2_jax.sharding.logical_rules`): data parallel, FSDP, and
+# FSDP with tensor parallelism.
+STRATEGIES = ("dp", "fsdp", "fsdp_tp")
 
 
 class ConfigError(ValueError):
@@ -89,29 +92,68 @@ def check_fields(cfg, ranges: dict[str, Range]) -> None:
             raise ConfigError(f"{f.name} must be {'an integer' if kind is int else 'a number'}{where}, got {value!r}")
 
 
+# What each field is, for the code that loads weights (gpt2_jax.weights), resumes runs
+# (gpt2_jax.train.loop) and plans steps (gpt2_jax.train.plan): a field's `role` in its metadata.
+#   shape    the weights' shape: taken from the weights, which must match it; a resume keeps it
+#   stored   how the weights are stored: taken from the weights; a resume keeps it
+#   arch     the architecture's constants: taken from the weights; a resume may change them
+#   layout   how the run lays the parameters out: the run's own setting; a resume keeps it
+#   compute  how the run computes: the run's own setting; a resume may change it
+# `managed_by` names the TrainConfig field that sets a ModelConfig field (one value, one place);
+# `auto` is the value that asks the trainer to choose (from the compiled step's memory).
+KEPT_ON_RESUME = ("shape", "stored", "layout")
+
+
+def setting(default: Any, role: str | None, *, managed_by: str | None = None, auto: Any = None, resume_keeps: bool = False):
+    """A config field with its facts in the metadata (its role: see above; TrainConfig fields have no role and
+    say `resume_keeps` themselves)."""
+    meta = {"role": role, "managed_by": managed_by, "auto": auto,
+            "resume_keeps": resume_keeps or role in KEPT_ON_RESUME}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def fields_where(cls, **facts) -> tuple[str, ...]:
+    """Names of `cls`'s fields whose metadata has each given fact (`role` may be a tuple of roles)."""
+    def match(f, key, want):
+        have = f.metadata.get(key)
+        return have in want if isinstance(want, tuple) else have == want
+    return tuple(f.name for f in dataclasses.fields(cls) if all(match(f, k, v) for k, v in facts.items()))
+
+
+def managed_fields(cls) -> dict[str, str]:
+    """{field: the TrainConfig field that sets it}."""
+    return {f.name: f.metadata["managed_by"] for f in dataclasses.fields(cls) if f.metadata.get("managed_by")}
+
+
+def auto_fields(cfg) -> tuple[str, ...]:
+    """The fields of a config whose value asks the trainer to choose."""
+    return tuple(f.name for f in dataclasses.fields(cfg) if f.metadata.get("auto") is not None
+                 and getattr(cfg, f.name) == f.metadata["auto"])
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a GPT-2 model. Field names follow OpenAI's hparams.json."""
 
-    vocab_size: int = GPT2_VOCAB_SIZE
-    n_ctx: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    layer_norm_epsilon: float = 1e-5
+    vocab_size: int = setting(GPT2_VOCAB_SIZE, "shape")
+    n_ctx: int = setting(1024, "shape")
+    n_embd: int = setting(768, "shape")
+    n_layer: int = setting(12, "shape")
+    n_head: int = setting(12, "shape")
+    layer_norm_epsilon: float = setting(1e-5, "arch")
     # Dropout 0.1 everywhere, as in the released checkpoints' config.
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    resid_pdrop: float = 0.1
-    initializer_range: float = 0.02
+    embd_pdrop: float = setting(0.1, "compute", managed_by="dropout")
+    attn_pdrop: float = setting(0.1, "compute", managed_by="dropout")
+    resid_pdrop: float = setting(0.1, "compute", managed_by="dropout")
+    initializer_range: float = setting(0.02, "arch")
     # Pad the embedding table to a multiple of this (128 -> 50,304) so the output matmul tiles
     # well; logits are always sliced back to `vocab_size`.
-    pad_vocab_multiple: int = 1
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat_policy: str = "none"
-    attention: str = "auto"
+    pad_vocab_multiple: int = setting(1, "stored")
+    dtype: str = setting("float32", "compute", managed_by="compute_dtype")  # compute dtype
+    param_dtype: str = setting("float32", "stored")
+    scan_layers: bool = setting(False, "layout")
+    remat_policy: str = setting("none", "compute", auto="auto")
+    attention: str = setting("auto", "compute")
 
     def __post_init__(self):
         check_fields(self, MODEL_RANGES)

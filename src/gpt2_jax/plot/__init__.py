@@ -8,15 +8,13 @@ mid-write still plots.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from gpt2_jax import files, storage
-
-METRICS_FILE = "metrics.jsonl"
+from gpt2_jax import files, jsonl, published, storage
+from gpt2_jax.run_dir import METRICS_FILE
 # The training loop's HellaSwag records (gpt2_jax.eval's three rules, in %), with their legend labels.
 HELLASWAG_SERIES = (("hellaswag_acc_per_token", "per token"), ("hellaswag_acc_per_byte", "per byte"),
                     ("hellaswag_acc_sum", "sum"))
@@ -32,15 +30,12 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], int]
     path = storage.path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise PlotError(f"{path} not found: pass a run directory written by `python -m gpt2_jax.train`")
+    records, skipped = jsonl.read_tolerant(path)
     by_step: dict[int, dict[str, Any]] = {}
-    skipped = 0
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
+    for rec in records:
         try:
-            rec = json.loads(line)
             step = int(rec["step"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             skipped += 1
             continue
         by_step.setdefault(step, {}).update(rec)
@@ -56,11 +51,9 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 def _hellaswag_panel(ax, hellaswag) -> None:
-    from gpt2_jax.eval.tasks import TASKS  # the published figure's one home (imported only for such runs)
-
     for label, (steps, values) in hellaswag:
         ax.plot(steps, values, marker="o", label=label)
-    reference = TASKS["hellaswag"].paper["acc_per_token"]["small"]
+    reference = published.HELLASWAG["acc_per_token"]["small"]
     ax.axhline(reference, linestyle="--", color="gray", label=f"GPT-2 124M, per token ({reference}%)")
     ax.axhline(25.0, linestyle=":", color="silver", label="chance (25%)")
     ax.set(title="HellaSwag accuracy (%)", xlabel="step")

@@ -7,9 +7,9 @@ per-step metrics, `loop` the loop itself: `train(tcfg, mcfg, run_dir)`.
 from gpt2_jax.train.config import (
     MANAGED_MODEL_KEYS, TrainConfig, TrainingError, find_experiment, load_experiment, resolve_config, resolve_dtype,
 )
-from gpt2_jax.train.loop import evaluate, load_data, train
+from gpt2_jax.train.loop import load_data, train, validation_loss
 
 __all__ = [
-    "MANAGED_MODEL_KEYS", "TrainConfig", "TrainingError", "evaluate", "find_experiment", "load_data", "load_experiment",
-    "resolve_config", "resolve_dtype", "train",
+    "MANAGED_MODEL_KEYS", "TrainConfig", "TrainingError", "find_experiment", "load_data", "load_experiment",
+    "resolve_config", "resolve_dtype", "train", "validation_loss",
 ]

@@ -1,3 +1,3 @@
 from gpt2_jax.train.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(exiting=True))

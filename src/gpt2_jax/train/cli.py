@@ -13,13 +13,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gpt2_jax import checkpoint, sharding, storage
-from gpt2_jax.checkpoint import CheckpointError, RunDirInUse
+from gpt2_jax import run_dir as run_dir_lib, sharding, storage
+from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig, parse_overrides
 from gpt2_jax.data import DataError
 from gpt2_jax.sharding import ShardingError
 from gpt2_jax.storage import StorageError
 from gpt2_jax.train.config import MANAGED_MODEL_KEYS, TrainConfig, TrainingError, find_experiment, load_experiment, resolve_config
+from gpt2_jax.run_dir import RunDirInUse
 from gpt2_jax.train.loop import train
 
 
@@ -30,7 +31,7 @@ def _default_run_dir(experiment: str) -> Path:
     return Path("runs") / f"{Path(experiment).stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(stamp))}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gpt2_jax.train",
         description="Train GPT-2 on a device mesh. Example: python -m gpt2_jax.train small steps=1000 mesh=1,-1,1",
@@ -58,49 +59,72 @@ def main(argv: list[str] | None = None) -> int:
         help="plan and compile the step, then print the resolved config (grad_accum and remat_policy chosen), the mesh, "
              "the memory per device by kind and the FLOPs against the analytic count; nothing is allocated or written",
     )
-    args = parser.parse_intermixed_args(argv)  # flags may come before or after the overrides
+    return parser
+
+
+def _setup(args) -> tuple[TrainConfig, ModelConfig, Path]:
+    """The resolved configs and the run directory; JAX's processes joined, the mesh checked."""
     overrides = list(args.overrides)
     if "=" in args.experiment:  # only overrides were given
         overrides.insert(0, args.experiment)
         args.experiment = "tiny"
+    settings = load_experiment(find_experiment(args.experiment))
+    settings.update(parse_overrides(overrides))
+    tcfg, mcfg = resolve_config(settings)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
+    if tcfg.grad_accum:
+        sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
+    run_dir = storage.path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
+    return tcfg, mcfg, run_dir
 
+
+def _report(final: dict, tcfg: TrainConfig, run_dir, argv: list[str] | None) -> None:
+    """The run's last line (process 0): how it ended, and the command that resumes a stopped run."""
+    if jax.process_index() != 0:
+        return
+    if final.get("stopped"):
+        again = list(argv if argv is not None else sys.argv[1:])
+        if not tcfg.run_dir:
+            again.append(f"run_dir={run_dir}")
+        print(
+            f"stopped by {final['stopped']} after step {final['step']}; checkpoint saved in {run_dir / 'checkpoints'}. "
+            f"To resume: python -m gpt2_jax.train {shlex.join(again)}"
+        )
+        return
+    summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
+    if "val_loss" in final:
+        summary += f", val loss {final['val_loss']:.4f}"
+    print(summary + f"; run dir {run_dir}")
+
+
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """The command line. `exiting` (only `__main__`): the process ends when this returns, so what
+    libraries report while it shuts down goes to the run's library.log too."""
+    args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
+    run_dir = None
     try:
-        settings = load_experiment(find_experiment(args.experiment))
-        settings.update(parse_overrides(overrides))
-        tcfg, mcfg = resolve_config(settings)
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
-        if tcfg.grad_accum:
-            sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
-        run_dir = storage.path(tcfg.run_dir) if tcfg.run_dir else _default_run_dir(args.experiment)
+        tcfg, mcfg, run_dir = _setup(args)
         if args.dry_run:
             train(tcfg, mcfg, run_dir, dry_run=True)
             return 0
-        try:
-            final = train(tcfg, mcfg, run_dir)
-        finally:
-            if jax.process_index() == 0:
-                checkpoint.library_logs_at_exit_to(run_dir)
+        final = train(tcfg, mcfg, run_dir)
     except (ConfigError, ShardingError, DataError, RunDirInUse, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError, OSError) as e:  # OSError: e.g. a run directory that is not writable
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if final.get("stopped"):
-        if jax.process_index() == 0:
-            again = list(argv if argv is not None else sys.argv[1:])
-            if not tcfg.run_dir:
-                again.append(f"run_dir={run_dir}")
-            print(
-                f"stopped by {final['stopped']} after step {final['step']}; checkpoint saved in {run_dir / 'checkpoints'}. "
-                f"To resume: python -m gpt2_jax.train {shlex.join(again)}"
-            )
-        return 0
-    if jax.process_index() == 0:
-        summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
-        if "val_loss" in final:
-            summary += f", val loss {final['val_loss']:.4f}"
-        print(summary + f"; run dir {run_dir}")
+    finally:
+        if exiting and run_dir is not None and jax.process_index() == 0 and _started(run_dir):
+            run_dir_lib.library_logs_at_exit_to(run_dir)
+    _report(final, tcfg, run_dir, argv)
     return 0
 
+
+def _started(run_dir) -> bool:
+    """Whether a start of the run was recorded in `run_dir` (a failed start leaves none behind)."""
+    try:
+        return (storage.path(run_dir) / run_dir_lib.HISTORY_FILE).exists()
+    except Exception:  # an unreachable bucket: nothing to log into
+        return False

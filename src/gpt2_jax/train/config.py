@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.resources
 import math
 import os
 from pathlib import Path
@@ -16,9 +17,13 @@ from typing import Any
 
 import jax
 
-from gpt2_jax.config import DTYPES, PROBABILITY, SIZES, ConfigError, ModelConfig, Range, check_fields, get_model_config, replace
-from gpt2_jax.sharding import STRATEGIES
+from gpt2_jax.config import (
+    DTYPES, PROBABILITY, SIZES, STRATEGIES, ConfigError, ModelConfig, Range, check_fields, get_model_config, managed_fields,
+    replace, setting,
+)
 
+# The source checkout when gpt2_jax runs from one (src/ or an editable install); installed from a
+# wheel, it is a folder above site-packages that holds no experiments/.
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -27,10 +32,12 @@ class TrainConfig:
     """Everything about a training run except the model's shape (that is `size` + ModelConfig)."""
 
     size: str = "tiny"  # model preset
-    dataset: str = "tiny_shakespeare"
-    seq_len: int = 0  # tokens per sequence; 0 = the model's n_ctx
-    batch_size: int = 16  # sequences per optimizer step, all devices and micro-batches together
-    grad_accum: int = 0  # micro-batches per step (batch_size / grad_accum run at once); 0 or auto = chosen from memory
+    # resume_keeps: the data order, which a resume may not change (the data iterator's position)
+    dataset: str = setting("tiny_shakespeare", None, resume_keeps=True)
+    seq_len: int = setting(0, None, resume_keeps=True)  # tokens per sequence; 0 = the model's n_ctx
+    batch_size: int = setting(16, None, resume_keeps=True)  # sequences per step, all devices and micro-batches
+    # micro-batches per step (batch_size / grad_accum run at once); 0 or auto = chosen from memory
+    grad_accum: int = setting(0, None, auto=0)
     steps: int = 300
     lr: float = 0.0  # peak learning rate; 0 = the size's default (optim.PEAK_LR)
     warmup_steps: int = 20
@@ -56,7 +63,7 @@ class TrainConfig:
     sample_prompt: str = ""  # empty = start from <|endoftext|>
     top_k: int = 40  # 1 = greedy
     log_every: int = 10  # steps between lines in metrics.jsonl / TensorBoard / the console
-    seed: int = 0
+    seed: int = setting(0, None, resume_keeps=True)
     run_dir: str = ""  # default runs/EXPERIMENT-YYYYmmdd-HHMMSS
     # Checkpoints in RUN_DIR/checkpoints (gpt2_jax.checkpoint), saved asynchronously every
     # ckpt_every steps, at the end and on SIGTERM/SIGINT; the latest ckpt_keep and the best
@@ -71,7 +78,7 @@ class TrainConfig:
     # pairs used instead of `dataset`, the loss counting completion tokens only; the templates
     # render each record's fields into the prompt and the completion.
     init_from: str = ""
-    finetune_data: str = ""
+    finetune_data: str = setting("", None, resume_keeps=True)
     prompt_template: str = "{prompt}"
     completion_template: str = "{completion}"
 
@@ -103,11 +110,23 @@ TRAIN_RANGES = {
 
 
 # ModelConfig fields that TrainConfig sets, so that one value cannot come from two places.
-MANAGED_MODEL_KEYS = {"dtype": "compute_dtype", "embd_pdrop": "dropout", "attn_pdrop": "dropout", "resid_pdrop": "dropout"}
+MANAGED_MODEL_KEYS = managed_fields(ModelConfig)
 
 
 class TrainingError(RuntimeError):
     """A run that cannot continue (e.g. the loss became NaN)."""
+
+
+def _experiment_dirs() -> list:
+    """Where experiment names are looked up, the first match winning: ./experiments of the current
+    directory, the files the package ships (`gpt2_jax.experiments`: the checkout's experiments/ in a
+    wheel), then the checkout's experiments/ (a source tree or an editable install)."""
+    dirs = [Path.cwd() / "experiments"]
+    try:
+        dirs.append(importlib.resources.files("gpt2_jax.experiments"))
+    except ModuleNotFoundError:
+        pass  # not installed from a wheel
+    return dirs + [REPO_ROOT / "experiments"]
 
 
 def find_experiment(name: str) -> Path:
@@ -117,11 +136,12 @@ def find_experiment(name: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"experiment file {name} does not exist")
         return path
-    for root in (Path.cwd(), REPO_ROOT):
-        path = root / "experiments" / f"{name}.py"
+    dirs = [d for d in _experiment_dirs() if d.is_dir()]
+    for root in dirs:
+        path = root / f"{name}.py"
         if path.is_file():
             return path
-    known = sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.py") if not p.stem.startswith("_"))
+    known = sorted({p.name[:-3] for d in dirs for p in d.iterdir() if p.name.endswith(".py") and not p.name.startswith("_")})
     raise ConfigError(f"unknown experiment {name!r}; valid: {', '.join(known)} (or a path to an experiment file)")
 
 

@@ -79,7 +79,6 @@ class Meter:
         self._pending: tuple[int, Any] | None = None
         self._mark: tuple[float, int] | None = None  # (time, step) of the last rate measurement
         self.tokens_per_s = float("nan")
-        self.latest: dict[str, float] = {}  # the newest step's record
         self.step = start_step  # steps whose metrics have been read
 
     def push(self, step: int, metrics: Any) -> None:
@@ -110,5 +109,5 @@ class Meter:
             m["mfu"] = self.tokens_per_s / jax.device_count() * self.flops_per_token / self.peak_flops
             postfix["mfu"] = f"{100 * m['mfu']:.1f}%"
         self.bar.set_postfix(postfix, refresh=False)
-        self.latest, self.step = m, step + 1
+        self.step = step + 1
         self.hooks.run(step + 1, m, end=step + 1 == self.last_step)

@@ -1,12 +1,12 @@
 """The training loop: a sharded train step, and the periodic work around it registered as hooks.
 
-Run directory (RUN_DIR, `run_dir=` or runs/EXPERIMENT-TIME): config.json (resolved train and
-model configs), metrics.jsonl, tensorboard/, checkpoints/, and final.json when the run ends.
+`train` checks and plans everything it can before it touches the run directory (the model's
+config, the data, the memory, the compiled step), then holds the directory (`gpt2_jax.run_dir`:
+what each of its files is), resumes or initializes the state, and runs the steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gpt2_jax import attention, checkpoint, costs, data, files, finetune, memory, sharding, step as step_lib, weights
-from gpt2_jax.config import ConfigError, ModelConfig, replace
+from gpt2_jax import attention, checkpoint, costs, data, finetune, memory, run_dir as run_dir_lib, sharding, step as step_lib, weights
+from gpt2_jax.config import ConfigError, ModelConfig, fields_where, replace
 from gpt2_jax.data import DataError
 from gpt2_jax.eval import tasks as eval_tasks
 from gpt2_jax.eval.scoring import Scorer
@@ -26,47 +26,55 @@ from gpt2_jax.metrics import MetricsWriter
 from gpt2_jax.tokenizer import get_tokenizer
 from gpt2_jax.train.config import TrainConfig, TrainingError, resolve_dtype
 from gpt2_jax.train.hooks import Hooks, Meter
-from gpt2_jax.train.plan import Plan, batch_shapes, dry_run_report, make_plan
+from gpt2_jax.train.plan import Plan, dry_run_report, make_plan
+from gpt2_jax.train.preemption import PreemptionGuard
 
 
-def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int) -> tuple[Iterator[np.ndarray], list[dict[str, np.ndarray]]]:
-    """(this process's training batches [rows, seq_len+1], its share of the validation batches).
-
-    The token store is built by `gpt2_jax.data.prepare` (idempotent; process 0 first, so processes
-    never build it concurrently), or `dataset=` names a finished one by its location (a path, or a
-    gs:// or s3:// URL: a pod prepares once and every host reads only its windows from the bucket).
-    `eval_batch_size` counts rows of all processes together.
-    """
+def prepare_store(tcfg: TrainConfig):
+    """The token store of `dataset=`, built by `gpt2_jax.data.prepare` (idempotent; process 0
+    first, so processes never build it concurrently), or a finished one named by its location (a
+    path, or a gs:// or s3:// URL: a pod prepares once and every host reads only its windows)."""
     n, i = jax.process_count(), jax.process_index()
-    if i == 0:
-        store = data.prepare(tcfg.dataset)
-    if n > 1:
-        multihost_utils.sync_global_devices("gpt2_jax data prepared")
-    if i != 0:
-        store = data.prepare(tcfg.dataset, progress=False)
-    train = data.TrainLoader(
-        store, "train", seq_len=seq_len, batch_size=tcfg.batch_size // n, seed=tcfg.seed, shard_index=i, shard_count=n
-    )
-    val = list(
-        data.eval_batches(
-            store, "validation", seq_len=seq_len, batch_size=eval_batch_size // n,
-            max_batches=tcfg.eval_batches or None, shard_index=i, shard_count=n,
+    try:
+        if i == 0:
+            store = data.prepare(tcfg.dataset)
+        if n > 1:
+            multihost_utils.sync_global_devices("gpt2_jax data prepared")
+        if i != 0:
+            store = data.prepare(tcfg.dataset, progress=False)
+    except DataError as e:  # name the setting: "dataset=URL: ..." rather than "URL: ..."
+        raise DataError(f"dataset={tcfg.dataset}: {str(e).removeprefix(f'{tcfg.dataset}: ')}") from None
+    return store
+
+
+def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int, store=None) -> tuple[Iterator[np.ndarray], list[dict[str, np.ndarray]]]:
+    """(this process's training batches [rows, seq_len+1], its share of the validation batches) of
+    `store` (default: `prepare_store`). `eval_batch_size` counts rows of all processes together."""
+    n, i = jax.process_count(), jax.process_index()
+    store = prepare_store(tcfg) if store is None else store
+    try:
+        train = data.TrainLoader(
+            store, "train", seq_len=seq_len, batch_size=tcfg.batch_size // n, seed=tcfg.seed, shard_index=i, shard_count=n
         )
-    )
+        val = list(
+            data.eval_batches(
+                store, "validation", seq_len=seq_len, batch_size=eval_batch_size // n,
+                max_batches=tcfg.eval_batches or None, shard_index=i, shard_count=n,
+            )
+        )
+    except DataError as e:
+        raise DataError(f"dataset={tcfg.dataset}: {str(e).removeprefix(f'{tcfg.dataset}: ')}") from None
     return train, val
 
 
 def load_hellaswag(tcfg: TrainConfig) -> list[eval_tasks.HellaSwagItem]:
-    """The HellaSwag items `hellaswag_every=` scores (the first `hellaswag_limit`), read from the
-    data directory as `python -m gpt2_jax.eval --task hellaswag` reads them; none when it is off."""
+    """The HellaSwag items `hellaswag_every=` scores (the first `hellaswag_limit`), read by the
+    evaluation's own reader from the data directory; none when it is off."""
     if not tcfg.hellaswag_every:
         return []
     _, root = data.resolve_dirs()
-    task = eval_tasks.TASKS["hellaswag"]
-    if root is None:
-        raise ConfigError(f"hellaswag_every={tcfg.hellaswag_every} reads {task.data.relpath} under ${data.DATA_DIR_ENV}, which is not set")
     try:
-        return eval_tasks.read_hellaswag(task.resolve(eval_tasks.Options(root)), tcfg.hellaswag_limit or None)
+        return eval_tasks.hellaswag_items(tcfg.hellaswag_limit or None, root)
     except eval_tasks.EvalError as e:
         raise ConfigError(f"hellaswag_every={tcfg.hellaswag_every}: {e}") from None
 
@@ -89,11 +97,12 @@ def model_config(tcfg: TrainConfig, mcfg: ModelConfig) -> tuple[ModelConfig, int
 
 # What a resume may change: how the run is laid out and driven (mesh and strategy: the checkpoint is
 # resharded; grad_accum, the learning-rate schedule and steps, dropout, compute dtype, remat,
-# attention, and the eval/sample/log/checkpoint periods). What it may not: the model's shape and
-# parameter layout (the saved arrays would not fit) and the order of the data (data set, batch size,
-# sequence length, seed): the data iterator's saved position means nothing under other settings.
-FIXED_MODEL_KEYS = ("n_layer", "n_embd", "n_head", "n_ctx", "vocab_size", "pad_vocab_multiple", "scan_layers", "param_dtype")
-FIXED_TRAIN_KEYS = ("dataset", "finetune_data", "batch_size", "seed")
+# attention, and the eval/sample/log/checkpoint periods). What it may not (`resume_keeps` in the
+# configs' field metadata): the model's shape and parameter layout (the saved arrays would not fit)
+# and the order of the data (data set, batch size, sequence length, seed): the data iterator's
+# saved position means nothing under other settings.
+FIXED_MODEL_KEYS = fields_where(ModelConfig, resume_keeps=True)
+FIXED_TRAIN_KEYS = tuple(k for k in fields_where(TrainConfig, resume_keeps=True) if k != "seq_len")  # seq_len: below
 
 
 def resume_differences(saved: dict, tcfg: TrainConfig, mcfg: ModelConfig) -> list[str]:
@@ -133,34 +142,9 @@ def resume(tcfg: TrainConfig, mcfg: ModelConfig, ckpt, target, train_batches, ec
     return restored.state, restored
 
 
-@contextlib.contextmanager
-def run_directory(run_dir: Path, say):
-    """Hold the run directory for the run: its lock (process 0 for all processes; a second start is
-    refused at once), and the libraries' multi-line logs sent to a file in it."""
-    main_process = jax.process_index() == 0
-    with contextlib.ExitStack() as stack:
-        error = None
-        if main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                lock = stack.enter_context(checkpoint.RunLock(run_dir))
-            except checkpoint.RunDirInUse as e:
-                error = e
-        if jax.process_count() > 1:  # every process learns whether process 0 got the lock
-            refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-            if int(refused) and error is None:
-                error = checkpoint.RunDirInUse(f"{run_dir} is in use by another run (see process 0)")
-        if error is not None:
-            raise error
-        if main_process:
-            if lock.previous:
-                say(f"took over the run directory from pid {lock.previous.get('pid')} on {lock.previous.get('host')}, which ended without releasing it")
-            stack.enter_context(checkpoint.library_logs_to(run_dir))
-        yield
-
-
-def evaluate(eval_step, params, batches, mesh) -> float:
-    """Mean validation loss over `batches` (weights from each batch's "mask")."""
+def validation_loss(eval_step, params, batches, mesh) -> float:
+    """Mean validation loss over `batches` (weights from each batch's "mask"); the evaluation
+    report of a model on tasks is `gpt2_jax.eval.evaluate`."""
     loss_sum = weight = 0.0
     for t in sharding.bounded(lambda b: eval_step(params, sharding.shard_batch(b, mesh)), batches):
         loss_sum += float(t["loss_sum"])
@@ -227,7 +211,7 @@ class PeriodicWork:
             self.progress.stopping = self.guard.signal_name or "preemption"
 
     def validate(self, done: int, state) -> None:
-        val_loss = evaluate(self.eval_step, state.params, self.val_batches, self.place.mesh)
+        val_loss = validation_loss(self.eval_step, state.params, self.val_batches, self.place.mesh)
         self.progress.final["val_loss"] = self.progress.val_at[done] = val_loss
         self.writer.write(done, {"val_loss": val_loss})
         self.write(f"step {done:>6} | val loss {val_loss:.4f}")
@@ -272,18 +256,30 @@ class PeriodicWork:
 
 def train(tcfg: TrainConfig, mcfg: ModelConfig, run_dir: Path, *, echo=print, dry_run: bool = False) -> dict[str, Any]:
     """Train; returns the final record (step, loss, val_loss, sample, tokens_per_s). With `dry_run`,
-    stop once the step is planned and compiled (nothing allocated, nothing written) and print the plan."""
+    stop once the step is planned and compiled (nothing allocated, nothing written) and print the plan.
+
+    Everything that can refuse the run is checked before the run directory is touched, and a start
+    that fails later leaves the directory as it found it (`run_dir.hold`)."""
     say = echo if jax.process_index() == 0 else (lambda *_: None)
     mcfg, seq_len, attn = model_config(tcfg, mcfg)
+    examples = None
+    if tcfg.finetune_data:  # the step is compiled for the fine-tuning examples' length
+        examples, seq_len = finetune.read_examples(tcfg, mcfg)
     hellaswag = load_hellaswag(tcfg)  # a missing file stops the run before anything is compiled
     say(f"memory estimate: {preflight(tcfg, mcfg, seq_len)}")  # before anything is built or written
+    store = None if dry_run or examples is not None else prepare_store(tcfg)  # an unreachable store: refused now
     plan = make_plan(tcfg, mcfg, seq_len)  # grad_accum and remat_policy resolved, the step compiled
     say(f"micro-batch: {plan.describe()}")
     if dry_run:
         say(dry_run_report(plan))
         return {"dry_run": True, "grad_accum": plan.tcfg.grad_accum, "remat_policy": plan.mcfg.remat_policy, "bytes": plan.bytes}
-    with run_directory(run_dir, say):
-        return _train(plan, attn, run_dir, say, hellaswag)
+    micro = plan.tcfg.batch_size // plan.tcfg.grad_accum
+    if examples is not None:
+        batches = finetune.load_data(plan.tcfg, examples, seq_len, micro)
+    else:
+        batches = load_data(plan.tcfg, seq_len, micro, store)
+    with run_dir_lib.hold(run_dir, say) as run:
+        return _train(plan, attn, run, say, hellaswag, batches)
 
 
 def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Estimate:
@@ -307,38 +303,39 @@ def preflight(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> memory.Esti
 LOWER_TRAIN_MEMORY = "lower batch_size= or raise grad_accum=, set remat_policy=full, or spread the model over more devices (mesh=, strategy=)"
 
 
-def _train(plan: Plan, attn, run_dir: Path, say, hellaswag) -> dict[str, Any]:
-    main_process = jax.process_index() == 0
-    tcfg, mcfg, seq_len, place, tx, abstract, shardings = plan.tcfg, plan.mcfg, plan.seq_len, plan.place, plan.tx, plan.abstract, plan.shardings
-    micro = tcfg.batch_size // tcfg.grad_accum
-    if tcfg.finetune_data:
-        train_batches, val_batches, seq_len = finetune.load_data(tcfg, mcfg, micro)
-    else:
-        train_batches, val_batches = load_data(tcfg, seq_len, micro)
-    train_step = plan.train_step
-    if seq_len != plan.seq_len:  # fine-tuning examples shorter than the context: a smaller step
-        train_step = step_lib.compile_train_step(mcfg, tx, plan.schedule, tcfg.grad_accum, place.mesh, place.rules, shardings).lower(
-            abstract, batch_shapes(tcfg, seq_len, place)).compile()
-    run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}
-    ckpt = checkpoint.Checkpointer(run_dir, checkpoint.CheckpointOptions(tcfg.ckpt_every, tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async))
-    # Restored straight onto the shardings, or created there: the state is never in memory twice,
-    # and a resumed run does not read init_from='s weights.
-    state, restored = resume(tcfg, mcfg, ckpt, abstract, train_batches, say)
+def _start(plan: Plan, run: run_dir_lib.Run, ckpt, train_batches, say) -> tuple[Any, int, Any]:
+    """(the state, its step, the restored checkpoint or None): the run's newest readable checkpoint,
+    else init_from='s weights or a fresh init, created directly on the shardings (never in memory
+    twice); the start recorded in the run directory."""
+    tcfg, mcfg, place = plan.tcfg, plan.mcfg, plan.place
+    state, restored = resume(tcfg, mcfg, ckpt, plan.abstract, train_batches, say)
+    init = None
+    if restored is None and tcfg.init_from:  # a resumed run does not read init_from='s weights
+        try:
+            init = weights.load(tcfg.init_from, mcfg, placement=place)[1]
+        except checkpoint.CheckpointError as e:
+            raise ConfigError(f"init_from={tcfg.init_from}: {e}") from None
     if restored is None:
-        init = weights.load(tcfg.init_from, mcfg, placement=place)[1] if tcfg.init_from else None
-        state, _ = step_lib.init_train_state_sharded(mcfg, tx, tcfg.seed, place.mesh, place.rules, init)
+        state, _ = step_lib.init_train_state_sharded(mcfg, plan.tx, tcfg.seed, place.mesh, place.rules, init)
     start_step = int(jax.device_get(state.step))
-    if main_process:
-        changes = checkpoint.record_start(run_dir, run_config, start_step)
-        if restored is not None and changes:
-            say("changed since the last start: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-    announce(say, tcfg, mcfg, place, seq_len, attn, run_dir)
+    changes = run.record_start({"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)}, start_step)
+    if restored is not None and changes:
+        say("changed since the last start: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    return state, start_step, restored
 
+
+def _train(plan: Plan, attn, run: run_dir_lib.Run, say, hellaswag, batches) -> dict[str, Any]:
+    tcfg, mcfg, seq_len, place = plan.tcfg, plan.mcfg, plan.seq_len, plan.place
+    train_batches, val_batches = batches
+    ckpt = checkpoint.Checkpointer(run.path, checkpoint.CheckpointOptions(tcfg.ckpt_keep, tcfg.ckpt_keep_best, tcfg.ckpt_async))
+    state, start_step, _ = _start(plan, run, ckpt, train_batches, say)
+    announce(say, tcfg, mcfg, place, seq_len, attn, run.path)
+    main_process = jax.process_index() == 0
     bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not main_process, dynamic_ncols=True)
-    guard = checkpoint.PreemptionGuard(ckpt)
+    guard = PreemptionGuard(ckpt.reached_preemption)
     work = PeriodicWork(
-        tcfg, mcfg, place, run_dir=run_dir, run_config=run_config, ckpt=ckpt, guard=guard,
-        eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, shardings.params),
+        tcfg, mcfg, place, run_dir=run.path, run_config={"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)},
+        ckpt=ckpt, guard=guard, eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, plan.shardings.params),
         val_batches=val_batches, train_batches=train_batches, write=bar.write if main_process else (lambda *_: None),
         resumed_from=start_step, hellaswag=hellaswag,
     )
@@ -346,21 +343,9 @@ def _train(plan: Plan, attn, run_dir: Path, say, hellaswag) -> dict[str, Any]:
         work.metric_hooks(), bar, tokens_per_step=tcfg.batch_size * seq_len, flops_per_token=costs.flops_per_token(mcfg, seq_len),
         peak_flops=costs.peak_flops(jax.devices()[0]), last_step=tcfg.steps, start_step=start_step,
     )
-    hooks, progress = work.hooks(before=meter.flush), work.progress
     with guard:
         try:
-            for step in bar:
-                batch = next(train_batches)  # fine-tuning batches are dicts with a "mask"
-                state, metrics = train_step(state, sharding.shard_batch(batch if isinstance(batch, dict) else {"tokens": batch}, place.mesh))
-                meter.push(step, metrics)  # dispatch step t, then read step t-1's metrics while t runs
-                if step + 1 < tcfg.steps:
-                    hooks.run(step + 1, state)
-                    if progress.stopping:
-                        progress.final["stopped"] = progress.stopping
-                        break
-            meter.flush()
-            if not progress.stopping:
-                hooks.run(tcfg.steps, state, end=True)
+            _steps(plan, state, start_step, train_batches, work, meter, bar)
         except TrainingError as e:
             ckpt.wait()
             last = ckpt.latest_step()
@@ -369,7 +354,26 @@ def _train(plan: Plan, attn, run_dir: Path, say, hellaswag) -> dict[str, Any]:
             ckpt.close()
             bar.close()
             work.writer.close()
-    return finish(progress, ckpt, run_dir, start_step)
+    return finish(work.progress, ckpt, run, start_step)
+
+
+def _steps(plan: Plan, state, start_step: int, train_batches, work: "PeriodicWork", meter: Meter, bar) -> None:
+    """The steps from `start_step`, each followed by the hooks it makes due; after the last, the
+    hooks that run at the end (unless a signal stopped the run)."""
+    tcfg, progress = plan.tcfg, work.progress
+    hooks = work.hooks(before=meter.flush)
+    for step in bar:
+        batch = next(train_batches)  # fine-tuning batches are dicts with a "mask"
+        state, metrics = plan.train_step(state, sharding.shard_batch(batch if isinstance(batch, dict) else {"tokens": batch}, plan.place.mesh))
+        meter.push(step, metrics)  # dispatch step t, then read step t-1's metrics while t runs
+        if step + 1 < tcfg.steps:
+            hooks.run(step + 1, state)
+            if progress.stopping:
+                progress.final["stopped"] = progress.stopping
+                break
+    meter.flush()
+    if not progress.stopping:
+        hooks.run(tcfg.steps, state, end=True)
 
 
 def announce(say, tcfg: TrainConfig, mcfg: ModelConfig, place: sharding.Placement, seq_len: int, attn, run_dir: Path) -> None:
@@ -388,7 +392,7 @@ def announce(say, tcfg: TrainConfig, mcfg: ModelConfig, place: sharding.Placemen
     say(f"attention: {attn}" + (" (attention dropout runs on xla)" if mcfg.attn_pdrop > 0 and attn.impl != "xla" else ""))
 
 
-def finish(progress: Progress, ckpt, run_dir: Path, start_step: int) -> dict[str, Any]:
+def finish(progress: Progress, ckpt, run: run_dir_lib.Run, start_step: int) -> dict[str, Any]:
     """Check that the last step's checkpoint exists, write final.json; the final record."""
     saved_step = progress.final.get("step", start_step)
     if saved_step not in ckpt.steps():
@@ -397,6 +401,5 @@ def finish(progress: Progress, ckpt, run_dir: Path, start_step: int) -> dict[str
             f"the checkpoint of step {saved_step} was not saved (see above); the newest saved checkpoint is "
             + (f"step {last} in {ckpt.directory}" if last else "none")
         )
-    if jax.process_index() == 0:
-        files.write_json(run_dir / "final.json", progress.final)
+    run.write_final(progress.final)
     return progress.final

@@ -20,8 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from gpt2_jax import costs, memory, optim, sharding, step as step_lib
-from gpt2_jax.config import REMAT_BY_WEIGHT, ModelConfig, replace
+from gpt2_jax import costs, hlo, memory, optim, sharding, step as step_lib
+from gpt2_jax.config import REMAT_BY_WEIGHT, ModelConfig, auto_fields, replace
 from gpt2_jax.train.config import TrainConfig
 
 
@@ -151,7 +151,7 @@ def make_plan(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> Plan:
     return Plan(
         replace(tcfg, grad_accum=k), replace(mcfg, remat_policy=remat), seq_len, place, schedule, tx, abstract, shardings,
         program, need, limit, source, [(kk, p, b) for (kk, p), (_, b) in compiled.items()],
-        chosen=not tcfg.grad_accum or mcfg.remat_policy == "auto",
+        chosen=bool(auto_fields(tcfg) or auto_fields(mcfg)),
     )
 
 
@@ -168,7 +168,7 @@ def dry_run_report(plan: Plan) -> str:
     """What `--dry-run` prints: the resolved config, the mesh, the compiled step's memory by kind,
     and its FLOPs against the analytic count (the MFU it would reach at the device's peak)."""
     m = plan.train_step.memory_analysis()
-    flops = costs.hlo_cost(plan.train_step.as_text())["flops"] * plan.place.mesh.size
+    flops = hlo.hlo_cost(plan.train_step.as_text())["flops"] * plan.place.mesh.size
     analytic = costs.flops_per_token(plan.mcfg, plan.seq_len) * plan.tcfg.batch_size * plan.seq_len
     peak = costs.peak_flops(jax.devices()[0])
     gib = lambda b: f"{b / memory.GiB:.2f} GiB"  # noqa: E731
