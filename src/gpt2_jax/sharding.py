@@ -330,6 +330,16 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def distributed_client():
+    """The client of JAX's distributed runtime (its key-value store and bounded barriers:
+    `key_value_set`, `key_value_dir_get`, `wait_at_barrier`), or None on a single process."""
+    if jax.process_count() == 1:
+        return None
+    from jax._src import distributed  # not public: the client JAX keeps after `jax.distributed.initialize`
+
+    return distributed.global_state.client
+
+
 def initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:

@@ -259,11 +259,6 @@ class Checkpointer:
         """One line on stderr, its `detail` in the run's warnings log (`run_dir.report`)."""
         run_dir_lib.report(self.run_dir, message, detail)
 
-    def reached_preemption(self, step: int) -> bool:
-        """JAX's preemption sync point through Orbax: True on every process at the same step once
-        any of them was notified of a preemption (every process must ask at every step)."""
-        return self._mgr.reached_preemption(step)
-
     def _report_failure(self, step: int, why: str, detail: str | None = None) -> None:
         self.failed_steps.append(step)
         kept = self.steps()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,9 @@ class Scorer:
         self.params = self.placement.place(abstract_params(config), params)
         self._fns: dict[int, Any] = {}
         self.tokens_scored = 0
+        # Called before each batch is dispatched: a training run's agreed stop may raise there, at
+        # the same batch on every process.
+        self.between: Callable[[], None] | None = None
 
     def use_params(self, params: Any) -> None:
         """Score with `params` from now on (a training run's current weights), placed like the first
@@ -164,6 +167,8 @@ class Scorer:
         groups = [order[b0 : b0 + B] for b0 in range(0, len(order), B)]
 
         def dispatch(idx):
+            if self.between is not None:
+                self.between()
             T = max(length_bucket(len(rows[i]) - 1, self.n_ctx) for i in idx)
             K = min(T, max(length_bucket(n_scored[i], self.n_ctx) for i in idx))
             batch, n_B = np.zeros((B, T + 1), np.int32), np.ones(B, np.int32)

@@ -27,7 +27,7 @@ from gpt2_jax.tokenizer import get_tokenizer
 from gpt2_jax.train.config import TrainConfig, TrainingError, resolve_dtype
 from gpt2_jax.train.hooks import Hooks, Meter
 from gpt2_jax.train.plan import Plan, dry_run_report, make_plan
-from gpt2_jax.train.preemption import PreemptionGuard
+from gpt2_jax.train.preemption import Interrupted, PreemptionGuard
 
 
 def prepare_store(tcfg: TrainConfig):
@@ -176,10 +176,12 @@ class PeriodicWork:
     """The bodies of the training loop's hooks, and their registration with each one's period.
 
     They share the run's metrics writer, console and `Progress`; each takes (finished steps, state).
+    On several processes, a stop agreed during a validation or HellaSwag scoring cuts it short (the
+    same batch everywhere), and what is left of the step's periodic work is skipped for the save.
     """
 
-    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write, resumed_from,
-                 hellaswag=()):
+    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write,
+                 resumed_from, hellaswag=()):
         self.tcfg, self.mcfg, self.place = tcfg, mcfg, place
         self.run_config, self.ckpt, self.guard, self.write = run_config, ckpt, guard, write
         self.eval_step, self.val_batches, self.train_batches = eval_step, val_batches, train_batches
@@ -191,13 +193,26 @@ class PeriodicWork:
         """The loop's hooks, in the order they run; `before` reads the step's metrics first."""
         t = self.tcfg
         hooks = Hooks(before=before)
-        hooks.add("preemption", self.check_preemption, every=1, at_end=False, reads_metrics=False)
-        hooks.add("eval", self.validate, every=t.eval_every)
+        hooks.add("preemption", self.periodic(self.check_preemption), every=1, at_end=False, reads_metrics=False)
+        hooks.add("eval", self.periodic(self.validate, cut="the validation"), every=t.eval_every)
         if self.hellaswag:
-            hooks.add("hellaswag", self.score_hellaswag, every=t.hellaswag_every)
-        hooks.add("sample", self.sample, every=t.sample_every)
-        hooks.add("save", self.save, every=t.ckpt_every, when=lambda: self.progress.stopping is not None)
+            hooks.add("hellaswag", self.periodic(self.score_hellaswag, cut="HellaSwag scoring"), every=t.hellaswag_every)
+        hooks.add("sample", self.periodic(self.sample, cut="sampling"), every=t.sample_every)
+        hooks.add("save", self.periodic(self.save), every=t.ckpt_every, when=lambda: self.progress.stopping is not None)
         return hooks
+
+    def periodic(self, fn, cut: str = ""):
+        """`fn` as periodic work; `cut` names work that a pod's agreed stop cuts short (or skips,
+        once the run is stopping) so that the step is saved at once."""
+        def run(done: int, state) -> None:
+            if cut and self.guard.pod is not None and self.progress.stopping:
+                return
+            try:
+                fn(done, state)
+            except Interrupted:
+                self.progress.stopping = self.guard.reason
+                self.write(f"step {done:>6} | {self.guard.reason}: {cut} cut short, saving this step")
+        return run
 
     def metric_hooks(self) -> Hooks:
         """Hooks on each step's metrics, once they are on the host (one step behind the device)."""
@@ -208,19 +223,27 @@ class PeriodicWork:
 
     def check_preemption(self, done: int, _) -> None:  # every step, on every host (a sync point on multi-host runs)
         if self.guard.stop(done):
-            self.progress.stopping = self.guard.signal_name or "preemption"
+            self.progress.stopping = self.guard.reason or "preemption"
 
     def validate(self, done: int, state) -> None:
-        val_loss = validation_loss(self.eval_step, state.params, self.val_batches, self.place.mesh)
+        batches = self.val_batches if self.guard.pod is None else self._polled(self.val_batches)
+        val_loss = validation_loss(self.eval_step, state.params, batches, self.place.mesh)
         self.progress.final["val_loss"] = self.progress.val_at[done] = val_loss
         self.writer.write(done, {"val_loss": val_loss})
         self.write(f"step {done:>6} | val loss {val_loss:.4f}")
+
+    def _polled(self, batches):
+        """`batches`, the pod's agreed stop polled before each (it may fall inside a validation)."""
+        for batch in batches:
+            self.guard.cut()
+            yield batch
 
     def score_hellaswag(self, done: int, state) -> None:
         """HellaSwag's three accuracies (in %) of the current weights, scored on the training placement."""
         if self.scorer is None:  # compiled once; later calls score the weights of their step
             rows = self.tcfg.batch_size // max(1, self.tcfg.grad_accum)  # a micro-batch: known to fit
             self.scorer = Scorer(self.mcfg, state.params, batch_size=rows, placement=self.place)
+            self.scorer.between = self.guard.cut if self.guard.pod is not None else None
         else:
             self.scorer.use_params(state.params)
         result = eval_tasks.score_hellaswag(self.scorer, self.hellaswag)
@@ -332,7 +355,7 @@ def _train(plan: Plan, attn, run: run_dir_lib.Run, say, hellaswag, batches) -> d
     announce(say, tcfg, mcfg, place, seq_len, attn, run.path)
     main_process = jax.process_index() == 0
     bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not main_process, dynamic_ncols=True)
-    guard = PreemptionGuard(ckpt.reached_preemption)
+    guard = PreemptionGuard()
     work = PeriodicWork(
         tcfg, mcfg, place, run_dir=run.path, run_config={"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)},
         ckpt=ckpt, guard=guard, eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, plan.shardings.params),
@@ -374,6 +397,8 @@ def _steps(plan: Plan, state, start_step: int, train_batches, work: "PeriodicWor
     meter.flush()
     if not progress.stopping:
         hooks.run(tcfg.steps, state, end=True)
+        if progress.stopping:  # a pod's agreed stop fell inside the last validation
+            progress.final["stopped"] = progress.stopping
 
 
 def announce(say, tcfg: TrainConfig, mcfg: ModelConfig, place: sharding.Placement, seq_len: int, attn, run_dir: Path) -> None:

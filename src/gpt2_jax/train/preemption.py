@@ -1,30 +1,117 @@
 """Preemption, checked by the training loop every step: SIGTERM or SIGINT asks the run to stop
-after the current step and save a checkpoint (as MaxText checks it in its loop)."""
+after the current step and save a checkpoint (as MaxText checks it in its loop).
+
+On one process the signal is the decision. On several, a signal reaches one host, some or all, and
+every process must stop after the same step (the save and the steps are collectives): `PodStop`
+agrees on that step through the key-value store of JAX's distributed runtime, without a device
+sync and without a wait that has no bound:
+
+1. Every process polls at the same points of its control flow (each step boundary, each batch of
+   a validation), numbered alike everywhere. A process that was signalled, or that finds another
+   process's post, posts the number of its current poll (`at/I`) and goes on.
+2. Once every process has posted, each takes `max(posts) + LAG` as the agreed poll and stops there
+   (processes behind run the missing steps). Posting never waits: a process that waited at a
+   barrier on noticing could leave a peer that had not noticed yet blocked in a collective of the
+   next step. LAG covers how far a peer may run ahead: the loop reads a step's metrics one step
+   behind (it dispatches step t, then reads step t-1's), so a process can be at most two polls
+   past the last poster when it finds the last post.
+3. At the agreed poll every process meets at a barrier bounded by `STOP_TIMEOUT_S`, then saves.
+   A bound that runs out raises TrainingError naming the processes that did not answer.
+"""
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
-from typing import Any, Callable
+import time
+from typing import Any
 
 import jax
 
+from gpt2_jax import sharding
 from gpt2_jax.errors import warn
+from gpt2_jax.train.config import TrainingError
+
+LAG = 2  # polls between the last post and the agreed stop (see the module's docstring)
+STOP_TIMEOUT_S = 120  # the longest any process waits for the others' answers to a stop
+_runs = itertools.count()  # each guard's keys are its own (every process creates guards in the same order)
+
+
+class Interrupted(Exception):
+    """Raised inside periodic work (a validation) when the processes agreed to stop there."""
+
+
+class PodStop:
+    """The agreement on where to stop, among the processes of a multi-process run (see the module)."""
+
+    def __init__(self, client, prefix: str, timeout_s: float = STOP_TIMEOUT_S):
+        self._client, self._prefix, self.timeout_s = client, prefix, timeout_s
+        self._me, self._n = jax.process_index(), jax.process_count()
+        self.polls = 0
+        self._posted_at: float | None = None  # time of this process's post
+        self.target: int | None = None
+        self.reason: str | None = None  # the signal that started it (first signalled process's)
+
+    def poll(self, signal_name: str | None) -> bool:
+        """Whether the processes agreed to stop at this poll (every process calls it at the same points)."""
+        self.polls += 1
+        if self.target is None:
+            posts = self._posts() if self._posted_at is not None or signal_name is None else {}
+            if self._posted_at is None and (signal_name or posts):
+                self._client.key_value_set(f"{self._prefix}at/{self._me}", f"{self.polls},{signal_name or ''}")
+                self._posted_at = time.monotonic()
+                posts = self._posts()
+            if self._posted_at is not None:
+                self._agree(posts)
+        if self.target is None or self.polls < self.target:
+            return False
+        if self.polls > self.target:
+            raise TrainingError(f"process {self._me} passed the agreed stop (poll {self.target}) before it learned of it")
+        self._meet()
+        return True
+
+    def _posts(self) -> dict[int, tuple[int, str]]:
+        out = {}
+        for key, value in self._client.key_value_dir_get(f"{self._prefix}at/"):
+            count, _, name = value.partition(",")
+            out[int(key.rsplit("/", 1)[-1])] = (int(count), name)
+        return out
+
+    def _agree(self, posts: dict[int, tuple[int, str]]) -> None:
+        if len(posts) == self._n:
+            self.target = max(c for c, _ in posts.values()) + LAG
+            self.reason = next((posts[i][1] for i in sorted(posts) if posts[i][1]), "preemption")
+        elif time.monotonic() - self._posted_at > self.timeout_s:
+            missing = sorted(set(range(self._n)) - set(posts))
+            raise TrainingError(f"process(es) {', '.join(map(str, missing))} did not answer the request to stop within {self.timeout_s:.0f} s")
+
+    def _meet(self) -> None:
+        """The bounded barrier at the agreed stop; the processes that did not come are named."""
+        self._client.key_value_set(f"{self._prefix}stopped/{self._me}", "1")
+        try:
+            self._client.wait_at_barrier(f"{self._prefix}stop", int(self.timeout_s * 1000))
+        except Exception:  # the runtime's error: DEADLINE_EXCEEDED, or the service is gone
+            came = {int(k.rsplit("/", 1)[-1]) for k, _ in self._client.key_value_dir_get(f"{self._prefix}stopped/")}
+            missing = sorted(set(range(self._n)) - came)
+            raise TrainingError(
+                f"process(es) {', '.join(map(str, missing)) or '?'} did not reach the agreed stop within {self.timeout_s:.0f} s"
+            ) from None
 
 
 class PreemptionGuard:
     """Turns SIGTERM/SIGINT into a request to stop after the current step (checked with `stop`).
 
-    On a multi-host run the decision comes from `reached_preemption(step)` (the checkpoint
-    manager's preemption sync point on JAX's coordination service), so that every host stops and
-    saves at the same step. A second SIGINT aborts at once. The handlers it installs are put back
-    when the block ends.
+    On a multi-host run the decision is `PodStop`'s, so that every host stops and saves at the same
+    step whichever hosts were signalled, and `cut` ends a validation early at the same batch on every
+    host. A second SIGINT aborts at once. The handlers it installs are put back when the block ends.
     """
 
-    def __init__(self, reached_preemption: Callable[[int], bool] | None = None):
-        self._reached = reached_preemption
+    def __init__(self):
         self.signal_name: str | None = None
         self._old: dict[int, Any] = {}
+        client = sharding.distributed_client()
+        self.pod = PodStop(client, f"gpt2_jax/stop/{next(_runs)}/") if client is not None else None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -38,10 +125,22 @@ class PreemptionGuard:
              "(send SIGINT again to abort without saving)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def stop(self, step: int) -> bool:
-        if jax.process_count() > 1 and self._reached is not None:
-            return self._reached(step)
+    @property
+    def reason(self) -> str | None:
+        """The signal the run stops for (on a pod, the first signalled process's)."""
+        return self.pod.reason if self.pod is not None and self.pod.reason else self.signal_name
+
+    def stop(self, _done: int) -> bool:
+        """At a step boundary (after `_done` steps): whether to stop now (every process alike)."""
+        if self.pod is not None:
+            return self.pod.poll(self.signal_name)
         return self.signal_name is not None
+
+    def cut(self) -> None:
+        """Inside periodic work on a pod (before each collective batch): raise Interrupted where the
+        processes agreed to stop. On one process periodic work runs to its end, as before."""
+        if self.pod is not None and self.pod.poll(self.signal_name):
+            raise Interrupted
 
     def __exit__(self, *_exc):
         for sig, old in self._old.items():

@@ -1,0 +1,218 @@
+"""The pod fault matrix: the trainer as 2 processes x 2 CPU devices (gloo), a fault on some of them.
+
+SIGTERM to all, to one, and to one during a validation or HellaSwag scoring: every process stops
+after the same step, one checkpoint of that step is saved, every process exits 0, process 0 prints
+the stop line, and the resume's losses equal an uninterrupted run's bit for bit. Faults are injected as in
+tests/test_faults.py: the trainer runs from a small script that first wraps one function. Each case
+is bounded in time (a hang fails). The time from the signal to each process's exit is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from gpt2_jax import checkpoint as C
+from helpers import run_losses
+from test_train_multiprocess import _free_port
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+ARGS = [
+    "tiny", "n_layer=1", "n_embd=48", "n_head=3", "seq_len=16", "batch_size=8", f"steps={STEPS}", "dropout=0.1",
+    "eval_every=0", "eval_batches=1", "sample_tokens=1", "log_every=1", "ckpt_every=0", "mesh=2,2,1",
+]
+MAIN = "\nimport sys\nfrom gpt2_jax.train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+LIMIT_S = 300  # no case takes longer: a run that hangs fails here
+
+# A validation of 1 s per batch (process 0 says when its second batch starts).
+SLOW_EVAL = """
+import time
+import jax
+from gpt2_jax.train import loop
+evaluate = loop.validation_loss
+def slow_evaluate(eval_step, params, batches, mesh):
+    def each():
+        for i, batch in enumerate(batches):
+            if i == 1 and jax.process_index() == 0:
+                print("SLOW EVAL", flush=True)
+            time.sleep(1.0)
+            yield batch
+    return evaluate(eval_step, params, each(), mesh)
+loop.validation_loss = slow_evaluate
+"""
+
+# HellaSwag scoring at 0.5 s a batch (process 0 says when its second batch starts).
+SLOW_HELLASWAG = """
+import time
+import jax
+from gpt2_jax.eval.scoring import Scorer
+dispatch, calls = Scorer._dispatch, []
+def slow_dispatch(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2 and jax.process_index() == 0:
+        print("SLOW HELLASWAG", flush=True)
+    time.sleep(0.5)
+    return dispatch(self, *args, **kwargs)
+Scorer._dispatch = slow_dispatch
+"""
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, shared_data):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        GPT2_JAX_DATA_DIR=str(shared_data), GPT2_JAX_CACHE_DIR=str(tmp_path_factory.mktemp("cache")),
+    )
+    return env
+
+
+def _args(extra) -> list[str]:
+    """ARGS with `extra` key=value settings replacing those of the same key."""
+    settings = dict(a.split("=", 1) for a in ARGS[1:])
+    settings.update(a.split("=", 1) for a in extra)
+    return [ARGS[0]] + [f"{k}={v}" for k, v in settings.items()]
+
+
+class Pod:
+    """Two trainer processes; each one's output collected by a thread, waited for with a bound."""
+
+    def __init__(self, run_dir, env, *extra, code: str | None = None):
+        port = _free_port()
+        cmd = [sys.executable, "-m", "gpt2_jax.train"] if code is None else [sys.executable, "-c", code]
+        self.procs = [
+            subprocess.Popen(
+                cmd + [*_args(extra), f"run_dir={run_dir}", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                       "--process-id", str(i)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+            )
+            for i in range(2)
+        ]
+        self.lines: list[list[str]] = [[], []]
+        self.seen: dict[str, float] = {}  # marker -> when a process printed it
+        self.step_at: dict[int, float] = {}  # step -> when process 0 logged its loss
+        self._readers = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(2)]
+        for t in self._readers:
+            t.start()
+        self.start = time.monotonic()
+
+    def _read(self, i: int) -> None:
+        for line in self.procs[i].stdout:
+            self.lines[i].append(line)
+            for marker in ("HANGING",):
+                if marker in line:
+                    self.seen.setdefault(marker, time.monotonic())
+            if i == 0 and (m := re.search(r"step +(\d+) \| loss", line)):
+                self.step_at[int(m.group(1))] = time.monotonic()
+
+    def out(self, i: int) -> str:
+        return "".join(self.lines[i])
+
+    def wait_for(self, pattern: str) -> None:
+        """Until process 0 printed `pattern` (a regular expression)."""
+        while not re.search(pattern, self.out(0)):
+            assert time.monotonic() - self.start < LIMIT_S and self.procs[0].poll() is None, self.out(0)[-3000:]
+            time.sleep(0.05)
+
+    def signal(self, which, sig=signal.SIGTERM) -> float:
+        for i in which:
+            os.kill(self.procs[i].pid, sig)
+        return time.monotonic()
+
+    def finish(self) -> list[tuple[int, float]]:
+        """(exit status, when it exited) of each process; both killed if one runs past the limit."""
+        ended = [None, None]
+        while None in ended:
+            for i, p in enumerate(self.procs):
+                if ended[i] is None and p.poll() is not None:
+                    ended[i] = (p.returncode, time.monotonic())
+            if time.monotonic() - self.start > LIMIT_S:
+                for p in self.procs:
+                    os.killpg(p.pid, signal.SIGKILL)
+                pytest.fail(f"the pod did not end within {LIMIT_S} s:\n{self.out(0)[-2000:]}\n{self.out(1)[-2000:]}")
+            time.sleep(0.02)
+        for t in self._readers:
+            t.join(timeout=10)
+        return ended
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    run_dir = tmp_path_factory.mktemp("reference")
+    pod = Pod(run_dir, env)
+    ended = pod.finish()
+    assert [code for code, _ in ended] == [0, 0], pod.out(0)[-3000:] + pod.out(1)[-3000:]
+    print(f"\nthe uninterrupted run: from its last step's log line to the exit (the final save and the shutdown) "
+          f"{ended[0][1] - pod.step_at[STEPS]:.2f} s (process 0), {ended[1][1] - pod.step_at[STEPS]:.2f} s (process 1)")
+    losses = run_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def _stopped_then_resumed(tmp_path, env, reference, pod: Pod, signalled_at: float, what: str, *extra: str) -> int:
+    """The stop's checks (every process 0, one checkpoint of the step process 0 names), then the
+    resume's losses against the reference; returns the step."""
+    ended = pod.finish()
+    assert [code for code, _ in ended] == [0, 0], pod.out(0)[-3000:] + pod.out(1)[-3000:]
+    stops = re.findall(r"stopped by SIGTERM after step (\d+); checkpoint saved in (\S+)\. To resume: ", pod.out(0))
+    assert len(stops) == 1 and stops[0][1] == str(tmp_path / "checkpoints"), pod.out(0)[-3000:]
+    assert "stopped by" not in pod.out(1)
+    step = int(stops[0][0])
+    times = [t - signalled_at for _, t in ended]
+    before = max(s for s, t in pod.step_at.items() if t <= signalled_at)
+    print(f"\n{what}: signal to exit {times[0]:.2f} s (process 0), {times[1]:.2f} s (process 1); the signal came after "
+          f"step {before}'s log line, the run stopped after step {step}, whose loss was logged {pod.step_at[step] - signalled_at:.2f} s "
+          f"after the signal; median step {statistics.median(b - a for a, b in zip(pod.step_at.values(), list(pod.step_at.values())[1:])):.2f} s")
+    assert 0 < step < STEPS and C.complete_steps(tmp_path / "checkpoints") == [step]
+    assert "Traceback" not in pod.out(0) + pod.out(1)
+    resumed = Pod(tmp_path, env, *extra)
+    assert [code for code, _ in resumed.finish()] == [0, 0], resumed.out(0)[-3000:] + resumed.out(1)[-3000:]
+    assert f"resumed from checkpoint step {step}" in resumed.out(0)
+    assert run_losses(tmp_path) == reference  # every step, each loss bit for bit
+    return step
+
+
+@pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["sigterm-to-all", "sigterm-to-one"])
+def test_sigterm_stops_every_process_at_the_same_step(tmp_path, env, reference, signalled):
+    pod = Pod(tmp_path, env)
+    pod.wait_for(r"step +6 \| loss")
+    at = pod.signal(signalled)
+    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, f"SIGTERM to {signalled}")
+    assert step >= 6
+
+
+def test_sigterm_during_a_validation_cuts_it_short(tmp_path, env, reference):
+    """The signal reaches process 1 while every process is in a 20-batch validation (1 s a batch):
+    the validation ends at the same batch everywhere, a few batches later, and the step is saved."""
+    extra = ("eval_every=8", "eval_batches=20")
+    pod = Pod(tmp_path, env, *extra, code=SLOW_EVAL + MAIN)
+    pod.wait_for("SLOW EVAL")
+    at = pod.signal((1,))
+    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 1 during a validation", *extra)
+    assert step == 8 and "eval" in pod.out(0) and "SIGTERM: the validation cut short" in pod.out(0), pod.out(0)[-3000:]
+
+
+def test_sigterm_during_hellaswag_scoring_cuts_it_short(tmp_path, env, reference):
+    """SIGTERM to process 0 while every process scores 40 HellaSwag items (20 batches): the scoring
+    ends at the same batch everywhere and the step is saved."""
+    from helpers import HELLASWAG_ITEMS, write_hellaswag
+
+    data = tmp_path.parent / f"{tmp_path.name}-data"
+    write_hellaswag(data, HELLASWAG_ITEMS * 10)
+    (data / "tiny_shakespeare").symlink_to(os.path.join(env["GPT2_JAX_DATA_DIR"], "tiny_shakespeare"))
+    env = {**env, "GPT2_JAX_DATA_DIR": str(data)}
+    extra = ("hellaswag_every=8",)
+    pod = Pod(tmp_path, env, *extra, code=SLOW_HELLASWAG + MAIN)
+    pod.wait_for("SLOW HELLASWAG")
+    at = pod.signal((0,))
+    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 0 during HellaSwag scoring", *extra)
+    assert step == 8 and "SIGTERM: HellaSwag scoring cut short" in pod.out(0), pod.out(0)[-3000:]
