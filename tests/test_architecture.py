@@ -135,7 +135,7 @@ def test_no_dead_code():
 LAYERS = (
     ("entry points", ()),  # every gpt2_jax.*.cli and gpt2_jax.*.__main__
     ("workflows", ("gpt2_jax.train", "gpt2_jax.train.loop", "gpt2_jax.train.hooks", "gpt2_jax.train.preemption",
-                   "gpt2_jax.train.plan", "gpt2_jax.eval", "gpt2_jax.eval.report", "gpt2_jax.generate.tasks",
+                   "gpt2_jax.train.watchdog", "gpt2_jax.train.plan", "gpt2_jax.eval", "gpt2_jax.eval.report", "gpt2_jax.generate.tasks",
                    "gpt2_jax.finetune", "gpt2_jax.harness", "gpt2_jax.harness.adapter", "gpt2_jax.plot")),
     # The compiled-program analysis (HLO reading, collective theory), outside the library's own
     # graph: only the dry run (train.plan), the benchmarks and the tests use it.

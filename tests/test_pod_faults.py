@@ -2,7 +2,8 @@
 
 SIGTERM to all, to one, and to one during a validation or HellaSwag scoring: every process stops
 after the same step, one checkpoint of that step is saved, every process exits 0, process 0 prints
-the stop line, and the resume's losses equal an uninterrupted run's bit for bit. Faults are injected as in
+the stop line, and the resume's losses equal an uninterrupted run's bit for bit. A hang on one
+process: the watchdog ends every process with its stacks log. Faults are injected as in
 tests/test_faults.py: the trainer runs from a small script that first wraps one function. Each case
 is bounded in time (a hang fails). The time from the signal to each process's exit is printed.
 """
@@ -65,6 +66,21 @@ def slow_dispatch(self, *args, **kwargs):
     return dispatch(self, *args, **kwargs)
 Scorer._dispatch = slow_dispatch
 """
+
+# Process 1 stops in its training loop after step 6 (its main thread sleeps).
+HANG = """
+import time
+import jax
+from gpt2_jax.train import hooks
+push = hooks.Meter.push
+def hanging_push(self, step, metrics):
+    push(self, step, metrics)
+    if step == 6 and jax.process_index() == 1:
+        print("HANGING", flush=True)
+        time.sleep(3600)
+hooks.Meter.push = hanging_push
+"""
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, shared_data):
@@ -216,3 +232,19 @@ def test_sigterm_during_hellaswag_scoring_cuts_it_short(tmp_path, env, reference
     at = pod.signal((0,))
     step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 0 during HellaSwag scoring", *extra)
     assert step == 8 and "SIGTERM: HellaSwag scoring cut short" in pod.out(0), pod.out(0)[-3000:]
+
+
+def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env):
+    pod = Pod(tmp_path, env, "hang_timeout_s=5", code=HANG + MAIN)
+    ended = pod.finish()
+    assert "HANGING" in pod.out(1)
+    after = [t - pod.seen["HANGING"] for _, t in ended]
+    print(f"\nhang (hang_timeout_s=5): hang to exit {after[0]:.2f} s (process 0), {after[1]:.2f} s (process 1)")
+    for i, (code, _) in enumerate(ended):
+        errors = [line for line in pod.out(i).splitlines() if line.startswith("error:")]
+        log = tmp_path / f"stacks-process-{i}.log"
+        assert code == 3 and len(errors) == 1 and str(log) in errors[0], pod.out(i)[-3000:]
+        stacks = log.read_text()
+        assert "Thread" in stacks and "File " in stacks
+    assert "hanging_push" in (tmp_path / "stacks-process-1.log").read_text()  # where process 1's main thread was
+    assert all(4 <= t < 5 + 15 for t in after)  # about the bound (its clock starts at the last step), then the wait for the peer

@@ -12,8 +12,10 @@ runs/EXPERIMENT-YYYYmmdd-HHMMSS; a local path or a gs:// / s3:// URL):
   .lock                  who holds the directory (a file lock; on a bucket, a lease)         [RunLock]
   library.log            what Orbax, TFDS and asyncio log while the run holds the directory  [library_logs_to]
   warnings.log           the details (tracebacks) behind one-line warnings on the console    [report]
+  stacks-process-I.log   every thread's stack of process I, when the hang watchdog fired     [gpt2_jax.train.watchdog]
 
-Process 0 writes every file except the checkpoints, which every process writes its part of. A run
+Process 0 writes every file except the checkpoints, which every process writes its part of, and
+the stacks logs, each process its own. A run
 holds its directory with `hold` (the lock, and the libraries' logs sent to library.log) and gives
 back what it changed when it ends.
 """

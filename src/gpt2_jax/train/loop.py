@@ -28,6 +28,7 @@ from gpt2_jax.train.config import TrainConfig, TrainingError, resolve_dtype
 from gpt2_jax.train.hooks import Hooks, Meter
 from gpt2_jax.train.plan import Plan, dry_run_report, make_plan
 from gpt2_jax.train.preemption import Interrupted, PreemptionGuard
+from gpt2_jax.train.watchdog import Watchdog
 
 
 def prepare_store(tcfg: TrainConfig):
@@ -176,14 +177,15 @@ class PeriodicWork:
     """The bodies of the training loop's hooks, and their registration with each one's period.
 
     They share the run's metrics writer, console and `Progress`; each takes (finished steps, state).
-    On several processes, a stop agreed during a validation or HellaSwag scoring cuts it short (the
-    same batch everywhere), and what is left of the step's periodic work is skipped for the save.
+    The watchdog does not count periodic work. On several processes, a stop agreed during a
+    validation or HellaSwag scoring cuts it short (the same batch everywhere), and what is left of
+    the step's periodic work is skipped for the save.
     """
 
-    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, eval_step, val_batches, train_batches, write,
+    def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, watchdog, eval_step, val_batches, train_batches, write,
                  resumed_from, hellaswag=()):
         self.tcfg, self.mcfg, self.place = tcfg, mcfg, place
-        self.run_config, self.ckpt, self.guard, self.write = run_config, ckpt, guard, write
+        self.run_config, self.ckpt, self.guard, self.watchdog, self.write = run_config, ckpt, guard, watchdog, write
         self.eval_step, self.val_batches, self.train_batches = eval_step, val_batches, train_batches
         self.hellaswag, self.scorer = list(hellaswag), None
         self.writer = MetricsWriter(run_dir, jax.process_index() == 0, resumed_from)
@@ -202,16 +204,17 @@ class PeriodicWork:
         return hooks
 
     def periodic(self, fn, cut: str = ""):
-        """`fn` as periodic work; `cut` names work that a pod's agreed stop cuts short (or skips,
-        once the run is stopping) so that the step is saved at once."""
+        """`fn` as periodic work, not counted by the watchdog; `cut` names work that a pod's agreed
+        stop cuts short (or skips, once the run is stopping) so that the step is saved at once."""
         def run(done: int, state) -> None:
             if cut and self.guard.pod is not None and self.progress.stopping:
                 return
-            try:
-                fn(done, state)
-            except Interrupted:
-                self.progress.stopping = self.guard.reason
-                self.write(f"step {done:>6} | {self.guard.reason}: {cut} cut short, saving this step")
+            with self.watchdog.paused():
+                try:
+                    fn(done, state)
+                except Interrupted:
+                    self.progress.stopping = self.guard.reason
+                    self.write(f"step {done:>6} | {self.guard.reason}: {cut} cut short, saving this step")
         return run
 
     def metric_hooks(self) -> Hooks:
@@ -355,10 +358,10 @@ def _train(plan: Plan, attn, run: run_dir_lib.Run, say, hellaswag, batches) -> d
     announce(say, tcfg, mcfg, place, seq_len, attn, run.path)
     main_process = jax.process_index() == 0
     bar = tqdm(range(start_step, tcfg.steps), desc="train", unit="step", disable=not main_process, dynamic_ncols=True)
-    guard = PreemptionGuard()
+    guard, watchdog = PreemptionGuard(), Watchdog(run.path, tcfg.hang_timeout_s)
     work = PeriodicWork(
         tcfg, mcfg, place, run_dir=run.path, run_config={"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)},
-        ckpt=ckpt, guard=guard, eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, plan.shardings.params),
+        ckpt=ckpt, guard=guard, watchdog=watchdog, eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, plan.shardings.params),
         val_batches=val_batches, train_batches=train_batches, write=bar.write if main_process else (lambda *_: None),
         resumed_from=start_step, hellaswag=hellaswag,
     )
@@ -368,7 +371,8 @@ def _train(plan: Plan, attn, run: run_dir_lib.Run, say, hellaswag, batches) -> d
     )
     with guard:
         try:
-            _steps(plan, state, start_step, train_batches, work, meter, bar)
+            with watchdog:  # the steps only: waiting for the last save is not watched
+                _steps(plan, state, start_step, train_batches, work, meter, bar)
         except TrainingError as e:
             ckpt.wait()
             last = ckpt.latest_step()
@@ -389,6 +393,7 @@ def _steps(plan: Plan, state, start_step: int, train_batches, work: "PeriodicWor
         batch = next(train_batches)  # fine-tuning batches are dicts with a "mask"
         state, metrics = plan.train_step(state, sharding.shard_batch(batch if isinstance(batch, dict) else {"tokens": batch}, plan.place.mesh))
         meter.push(step, metrics)  # dispatch step t, then read step t-1's metrics while t runs
+        work.watchdog.beat()
         if step + 1 < tcfg.steps:
             hooks.run(step + 1, state)
             if progress.stopping:
