@@ -60,7 +60,9 @@ class Watchdog:
     def bound(self) -> float:
         if self.timeout_s:
             return self.timeout_s
-        median = statistics.median(self._steps) if self._steps else 0.0
+        with self._lock:  # beat() appends from the main thread
+            steps = list(self._steps)
+        median = statistics.median(steps) if steps else 0.0
         return max(AUTO_MIN_S, AUTO_STEPS * median)
 
     def beat(self) -> None:
