@@ -10,7 +10,7 @@ What object stores lack, and what this module does instead:
 - no rename: a whole-file write (`files.write_bytes` and friends) is one upload of the final object,
   which a store makes visible only once complete, so readers never see half a file;
 - no append: files that grow (metrics.jsonl, logs, the config history) are rewritten whole, by their
-  writers (`gpt2_jax.metrics`, `gpt2_jax.checkpoint`);
+  writers (`gpt2_jax.metrics`, `gpt2_jax.run_dir`);
 - no file locks: `create_new` is the store's create-if-absent precondition (`ifGenerationMatch=0`
   on GCS, `If-None-Match: *` on S3), on which the run-directory lock is built;
 - no memory map: `read_ranges` fetches byte ranges concurrently (token stores read only the windows
