@@ -70,6 +70,9 @@ print("PLAN " + json.dumps({"grad_accum": plan.tcfg.grad_accum, "remat": plan.mc
 """
 
 
+# About three minutes together (medium compiled several times per case): in `make test-slow`, so that
+# `make test` stays under 15 minutes on two cores.
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 8])
 @pytest.mark.parametrize("gib", [16, 80])
 def test_make_train_medium_fits_the_device_it_is_started_on(devices, gib, shared_data):
