@@ -147,7 +147,7 @@ LAYERS = (
     ("model", ("gpt2_jax.model", "gpt2_jax.attention")),
     ("placement", ("gpt2_jax.sharding", "gpt2_jax.memory", "gpt2_jax.costs")),
     ("leaves", ("gpt2_jax.config", "gpt2_jax.train.config", "gpt2_jax.tokenizer", "gpt2_jax.data", "gpt2_jax.data.*",
-                "gpt2_jax.storage", "gpt2_jax.files", "gpt2_jax.jsonl", "gpt2_jax.errors", "gpt2_jax.published",
+                "gpt2_jax.storage", "gpt2_jax.files", "gpt2_jax.launch", "gpt2_jax.jsonl", "gpt2_jax.errors", "gpt2_jax.published",
                 "gpt2_jax")),  # the package's docstring
 )
 

@@ -5,6 +5,7 @@ bit-identical to a straight run's, then eval and generate reading the run from t
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,8 +39,10 @@ def _finish(procs) -> str:
     return outs[0]
 
 
-@pytest.mark.slow
-def test_pod_run_on_a_bucket_killed_and_resumed_exactly(gcs, tmp_path, shared_data):
+@pytest.fixture(scope="module")
+def pod(gcs, tmp_path_factory, shared_data):
+    """(environment, dataset= setting, bucket, losses of a straight run): a token store prepared
+    on the bucket, and a pod's uninterrupted run of it there."""
     from gpt2_jax.data import prepare
 
     bucket = gcs.bucket()
@@ -47,18 +50,22 @@ def test_pod_run_on_a_bucket_killed_and_resumed_exactly(gcs, tmp_path, shared_da
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
         JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", GPT2_JAX_DATA_DIR=str(shared_data),
-        GPT2_JAX_CACHE_DIR=str(tmp_path / "local-cache"), **gcs.env,
+        GPT2_JAX_CACHE_DIR=str(tmp_path_factory.mktemp("local-cache")), **gcs.env,
     )
     os.environ["GPT2_JAX_DATA_DIR"] = str(shared_data)
     store = str(prepare("tiny_shakespeare", cache_dir=f"{bucket}/cache", workers=1, progress=False))
     assert store.startswith(f"{bucket}/cache/tokens/")
     data = [f"dataset={store}"]
-
     reference = f"{bucket}/straight"
     _finish(_start(reference, env, *data))
     straight = run_losses(reference)
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    return env, data, bucket, straight
 
+
+@pytest.mark.slow
+def test_pod_run_on_a_bucket_killed_and_resumed_exactly(pod):
+    env, data, bucket, straight = pod
     run = f"{bucket}/run"
     procs = _start(run, env, *data)
 
@@ -107,3 +114,31 @@ def test_pod_run_on_a_bucket_killed_and_resumed_exactly(gcs, tmp_path, shared_da
         assert done.returncode == 0, done.stderr[-3000:]
         texts.append(done.stdout)
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_a_pod_on_a_bucket(pod):
+    """SIGTERM to process 1 only, the run directory on gs://: both processes stop after the same
+    step, its checkpoint is complete on the bucket, both exit 0, and the resume is exact."""
+    env, data, bucket, straight = pod
+    run = f"{bucket}/term"
+    procs = _start(run, env, *data)
+    timer = threading.Timer(600, lambda: [os.killpg(p.pid, signal.SIGKILL) for p in procs])
+    timer.start()
+    seen = []
+    for line in procs[0].stdout:
+        seen.append(line)
+        if "step      1 | loss" in line:
+            os.kill(procs[1].pid, signal.SIGTERM)
+            break
+    out = seen + [procs[0].stdout.read()]
+    timer.cancel()
+    for p in procs:
+        assert p.wait(timeout=600) == 0, "".join(out)[-3000:]
+    stops = re.findall(r"stopped by SIGTERM after step (\d+); checkpoint saved in (\S+)\. To resume: ", "".join(out))
+    assert len(stops) == 1 and stops[0][1] == f"{run}/checkpoints", "".join(out)[-3000:]
+    step = int(stops[0][0])
+    assert 1 < step < 6 and checkpoint.complete_steps(storage.path(run) / "checkpoints")[-1] == step
+    out = _finish(_start(run, env, *data))
+    assert f"resumed from checkpoint step {step}" in out
+    assert run_losses(run) == straight

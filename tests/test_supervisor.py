@@ -108,3 +108,16 @@ def test_signals_reach_the_child_once_and_its_status_is_kept(tmp_path):
     start = time.monotonic()
     assert parent.wait(timeout=30) == 7 and time.monotonic() - start < 10
     assert parent.stdout.read().strip() == "got 1 SIGTERM"
+
+
+def test_which_command_lines_are_supervised(monkeypatch):
+    for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", supervisor.ENV):
+        monkeypatch.delenv(k, raising=False)
+    assert not supervisor.wanted(["small", "steps=10"])
+    argv = ["small", "--coordinator", "h0:1234", "--num-processes=2", "steps=10", "--process-id", "1"]
+    assert supervisor.wanted(argv) and supervisor.process_id(argv) == 1
+    assert supervisor.process_id(["small", "--process-id=3"]) == 3 and supervisor.process_id(["small"]) is None
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # a cluster launcher started several
+    assert supervisor.wanted(["small"])
+    monkeypatch.setenv(supervisor.ENV, "5")  # the supervised child itself
+    assert not supervisor.wanted(argv)

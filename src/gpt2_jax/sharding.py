@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gpt2_jax.config import STRATEGIES
+from gpt2_jax.launch import launched_as_several
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -363,14 +364,3 @@ def initialize_distributed(
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
         return True
     return False
-
-
-def launched_as_several() -> bool:
-    """Whether a cluster launcher started this process as one of several (SLURM, Open MPI, a
-    multi-host TPU slice)."""
-    env = os.environ
-    return (
-        int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    )

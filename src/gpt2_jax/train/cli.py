@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     so what libraries report while it shuts down goes to the run's library.log too, and a
     multi-process run's trainer runs under `train.supervisor` (which reports a lost host)."""
     args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
-    several = args.coordinator or args.num_processes or sharding.launched_as_several()
-    if exiting and several and not supervisor.supervised():
+    if exiting and supervisor.wanted(sys.argv[1:] if argv is None else argv):  # (`__main__` asks first)
         return supervisor.run([sys.executable, *sys.orig_argv[1:]], args.process_id)
     run_dir = None
     with pod.Watch() as watch:  # started once the processes joined (in `_setup`)

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import threading
 
+from gpt2_jax.launch import launched_as_several
+
 ENV = "GPT2_JAX_SUPERVISOR_FD"  # in the child: the pipe to its parent
 # The runtime's log lines (glog: severity, date, time, thread, file:line]) that start its report.
 RUNTIME_ERROR = re.compile(rb"(?m)^[WEF]\d{4} [\d:.]+ +\d+ (coordination_service\w*|client|preemption_sync_manager)\.\w+:\d+\]")
@@ -38,6 +40,27 @@ COORDINATOR_GONE = ("Socket closed", "Failed to send RPC to coordination service
 def supervised() -> bool:
     """Whether this process is a supervised trainer."""
     return ENV in os.environ
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    """The values of --coordinator, --num-processes and --process-id in `argv` (both spellings)."""
+    out, names = {}, ("--coordinator", "--num-processes", "--process-id")
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name in names:
+            out[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return out
+
+
+def wanted(argv: list[str]) -> bool:
+    """Whether the command line `argv` starts one process of several, not yet supervised."""
+    return not supervised() and (bool(_flags(argv)) or launched_as_several())
+
+
+def process_id(argv: list[str]) -> int | None:
+    """--process-id's value, if given as a number."""
+    value = _flags(argv).get("--process-id", "")
+    return int(value) if value.isdigit() else None
 
 
 def _tell(message: dict) -> None:
