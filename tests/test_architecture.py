@@ -135,14 +135,14 @@ def test_no_dead_code():
 LAYERS = (
     ("entry points", ()),  # every gpt2_jax.*.cli and gpt2_jax.*.__main__
     ("workflows", ("gpt2_jax.train", "gpt2_jax.train.loop", "gpt2_jax.train.hooks", "gpt2_jax.train.preemption",
-                   "gpt2_jax.train.watchdog", "gpt2_jax.train.plan", "gpt2_jax.eval", "gpt2_jax.eval.report", "gpt2_jax.generate.tasks",
+                   "gpt2_jax.train.watchdog", "gpt2_jax.train.pod", "gpt2_jax.train.supervisor", "gpt2_jax.train.plan", "gpt2_jax.eval", "gpt2_jax.eval.report", "gpt2_jax.generate.tasks",
                    "gpt2_jax.finetune", "gpt2_jax.harness", "gpt2_jax.harness.adapter", "gpt2_jax.plot")),
     # The compiled-program analysis (HLO reading, collective theory), outside the library's own
     # graph: only the dry run (train.plan), the benchmarks and the tests use it.
     ("analysis", ("gpt2_jax.hlo", "gpt2_jax.hlo.theory")),
     ("engines", ("gpt2_jax.eval.scoring", "gpt2_jax.generate", "gpt2_jax.eval.tasks", "gpt2_jax.eval.*")),
     ("model access", ("gpt2_jax.weights", "gpt2_jax.convert")),
-    ("state", ("gpt2_jax.checkpoint", "gpt2_jax.checkpoint.items", "gpt2_jax.run_dir", "gpt2_jax.metrics")),
+    ("state", ("gpt2_jax.checkpoint", "gpt2_jax.checkpoint.items", "gpt2_jax.checkpoint.agreement", "gpt2_jax.run_dir", "gpt2_jax.metrics")),
     ("steps", ("gpt2_jax.step", "gpt2_jax.optim")),
     ("model", ("gpt2_jax.model", "gpt2_jax.attention")),
     ("placement", ("gpt2_jax.sharding", "gpt2_jax.memory", "gpt2_jax.costs")),

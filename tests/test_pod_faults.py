@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -32,7 +33,7 @@ ARGS = [
     "tiny", "n_layer=1", "n_embd=48", "n_head=3", "seq_len=16", "batch_size=8", f"steps={STEPS}", "dropout=0.1",
     "eval_every=0", "eval_batches=1", "sample_tokens=1", "log_every=1", "ckpt_every=0", "mesh=2,2,1",
 ]
-MAIN = "\nimport sys\nfrom gpt2_jax.train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+MAIN = "\nimport sys\nfrom gpt2_jax.train.cli import main\nsys.exit(main(sys.argv[1:], exiting=True))\n"
 LIMIT_S = 300  # no case takes longer: a run that hangs fails here
 
 # A validation of 1 s per batch (process 0 says when its second batch starts).
@@ -81,6 +82,18 @@ def hanging_push(self, step, metrics):
 hooks.Meter.push = hanging_push
 """
 
+# Process 1 raises in a hook after step 6.
+RAISE = """
+import jax
+from gpt2_jax.train import hooks
+push = hooks.Meter.push
+def raising_push(self, step, metrics):
+    push(self, step, metrics)
+    if step == 6 and jax.process_index() == 1:
+        raise RuntimeError("injected failure in a hook")
+hooks.Meter.push = raising_push
+"""
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, shared_data):
@@ -102,14 +115,20 @@ def _args(extra) -> list[str]:
 class Pod:
     """Two trainer processes; each one's output collected by a thread, waited for with a bound."""
 
-    def __init__(self, run_dir, env, *extra, code: str | None = None):
+    def __init__(self, run_dir, env, *extra, code: str | None = None, file_limit: dict[int, int] | None = None):
         port = _free_port()
+        limits = file_limit or {}
+
+        def limit(i):  # a file-size limit on process i (its writes beyond it fail with EFBIG)
+            return (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limits[i], limits[i]))) if i in limits else None
+
         cmd = [sys.executable, "-m", "gpt2_jax.train"] if code is None else [sys.executable, "-c", code]
         self.procs = [
             subprocess.Popen(
                 cmd + [*_args(extra), f"run_dir={run_dir}", "--coordinator", f"localhost:{port}", "--num-processes", "2",
                        "--process-id", str(i)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                preexec_fn=limit(i),
             )
             for i in range(2)
         ]
@@ -190,11 +209,22 @@ def _stopped_then_resumed(tmp_path, env, reference, pod: Pod, signalled_at: floa
           f"after the signal; median step {statistics.median(b - a for a, b in zip(pod.step_at.values(), list(pod.step_at.values())[1:])):.2f} s")
     assert 0 < step < STEPS and C.complete_steps(tmp_path / "checkpoints") == [step]
     assert "Traceback" not in pod.out(0) + pod.out(1)
-    resumed = Pod(tmp_path, env, *extra)
-    assert [code for code, _ in resumed.finish()] == [0, 0], resumed.out(0)[-3000:] + resumed.out(1)[-3000:]
-    assert f"resumed from checkpoint step {step}" in resumed.out(0)
-    assert run_losses(tmp_path) == reference  # every step, each loss bit for bit
+    _resumes_exactly(tmp_path, env, reference, step, *extra)
     return step
+
+
+def _resumes_exactly(run_dir, env, reference, step: int | None, *extra: str) -> None:
+    """Both processes started again: the run resumes from `step` (None: starts afresh) and its
+    losses equal the uninterrupted run's, every step, bit for bit."""
+    resumed = Pod(run_dir, env, *extra)
+    assert [code for code, _ in resumed.finish()] == [0, 0], resumed.out(0)[-3000:] + resumed.out(1)[-3000:]
+    assert (f"resumed from checkpoint step {step}" in resumed.out(0)) if step else ("resumed from" not in resumed.out(0))
+    assert run_losses(run_dir) == reference
+
+
+def _errors(text: str) -> list[str]:
+    """The error lines of a process's output (also where one follows a progress bar's unfinished line)."""
+    return [line[line.index("error:"):].strip() for line in text.splitlines() if "error:" in line]
 
 
 @pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["sigterm-to-all", "sigterm-to-one"])
@@ -248,3 +278,57 @@ def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env)
         assert "Thread" in stacks and "File " in stacks
     assert "hanging_push" in (tmp_path / "stacks-process-1.log").read_text()  # where process 1's main thread was
     assert all(4 <= t < 5 + 15 for t in after)  # about the bound (its clock starts at the last step), then the wait for the peer
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["sigkill-of-a-worker", "sigkill-of-the-coordinator"])
+def test_a_dead_process_ends_the_others_readably(tmp_path, env, reference, victim):
+    """Process 1 (or process 0, which hosts the runtime's coordination service) is SIGKILLed with
+    its parent, as when its machine goes: the other ends within the heartbeat bound, its last lines
+    naming the process that is gone, the newest complete checkpoint and the command that resumes
+    (the runtime's abort and stack trace go to runtime-process-I.log); the resume is exact."""
+    pod = Pod(tmp_path, env, "ckpt_every=4", "heartbeat_timeout_s=10")
+    pod.wait_for(r"step +10 \| loss")
+    os.killpg(pod.procs[victim].pid, signal.SIGKILL)
+    at = time.monotonic()
+    ended = pod.finish()
+    other = 1 - victim
+    code, t = ended[other]
+    print(f"\nSIGKILL of process {victim}: process {other} ended {t - at:.2f} s later (heartbeat_timeout_s=10)")
+    lines = [line for line in pod.out(other).splitlines() if line.strip()]
+    gone = "process 1 stopped sending heartbeats: it is gone" if victim == 1 else "process 0 (the coordinator of the run) is gone"
+    assert code == 1 and t - at < 10 + 20, pod.out(other)[-3000:]
+    assert gone in lines[-3] and f"runtime-process-{other}.log" in lines[-3], lines[-3:]
+    step = C.complete_steps(tmp_path / "checkpoints")[-1]
+    assert lines[-2] == f"newest complete checkpoint: step {step} in {tmp_path / 'checkpoints'}", lines[-3:]
+    assert lines[-1].startswith("to resume, start every process again: python -m gpt2_jax.train tiny ") and f"--process-id {other}" in lines[-1]
+    assert "Check failure stack trace" not in pod.out(other) and "Check failure" in (tmp_path / f"runtime-process-{other}.log").read_text()
+    _resumes_exactly(tmp_path, env, reference, step, "ckpt_every=4")
+
+
+def test_an_exception_on_one_process_ends_every_process_with_its_reason(tmp_path, env, reference):
+    pod = Pod(tmp_path, env, "ckpt_every=4", code=RAISE + MAIN)
+    ended = pod.finish()
+    raised_at = pod.step_at[6]
+    print(f"\nan exception on process 1 after step 6: exits {ended[0][1] - raised_at:.2f} s (process 0) and "
+          f"{ended[1][1] - raised_at:.2f} s (process 1) after step 6's log line")
+    assert [code for code, _ in ended] == [1, 1], pod.out(0)[-3000:] + pod.out(1)[-3000:]
+    assert _errors(pod.out(0)) == ["error: process 1 failed: RuntimeError: injected failure in a hook"], pod.out(0)[-3000:]
+    assert _errors(pod.out(1)) == ["error: process 1: RuntimeError: injected failure in a hook"], pod.out(1)[-3000:]
+    assert all(t - raised_at < 30 for _, t in ended)
+    _resumes_exactly(tmp_path, env, reference, C.complete_steps(tmp_path / "checkpoints")[-1], "ckpt_every=4")
+
+
+def test_a_write_failure_on_one_process_fails_that_save_on_every_process(tmp_path, env, reference):
+    """Process 1 cannot write a file beyond 64 KiB (its part of every checkpoint fails): process 0
+    reports each failed save once, naming process 1 and the cause; both train on (the policy of one
+    host) and both end with status 1, as the last step's checkpoint was not saved. Nothing hangs."""
+    pod = Pod(tmp_path, env, "ckpt_every=8", file_limit={1: 64 * 1024})
+    ended = pod.finish()
+    assert [code for code, _ in ended] == [1, 1], pod.out(0)[-3000:] + pod.out(1)[-3000:]
+    reports = [e for e in _errors(pod.out(0)) if "was NOT saved" in e]
+    assert [int(re.search(r"step (\d+)", e).group(1)) for e in reports] == [8, 16, 24], _errors(pod.out(0))
+    assert all("NOT saved: process 1: " in e and "File too large" in e for e in reports), reports
+    assert not [e for e in _errors(pod.out(1)) if "was NOT saved" in e]
+    assert _errors(pod.out(0))[-1].startswith("error: process 0: the checkpoint of step 24 was not saved")
+    assert C.complete_steps(tmp_path / "checkpoints") == [] and "Traceback" not in pod.out(0) + pod.out(1)
+    _resumes_exactly(tmp_path, env, reference, None)

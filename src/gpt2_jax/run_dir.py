@@ -11,11 +11,13 @@ runs/EXPERIMENT-YYYYmmdd-HHMMSS; a local path or a gs:// / s3:// URL):
   final.json             the final record (step, loss, val loss, sample, tokens/s), at the end  [write_final]
   .lock                  who holds the directory (a file lock; on a bucket, a lease)         [RunLock]
   library.log            what Orbax, TFDS and asyncio log while the run holds the directory  [library_logs_to]
+                         (process I > 0 of a multi-process run: library-process-I.log)
   warnings.log           the details (tracebacks) behind one-line warnings on the console    [report]
   stacks-process-I.log   every thread's stack of process I, when the hang watchdog fired     [gpt2_jax.train.watchdog]
+  runtime-process-I.log  the report of JAX's distributed runtime that ended process I        [gpt2_jax.train.supervisor]
 
 Process 0 writes every file except the checkpoints, which every process writes its part of, and
-the stacks logs, each process its own. A run
+the library, stacks and runtime logs, each process its own. A run
 holds its directory with `hold` (the lock, and the libraries' logs sent to library.log) and gives
 back what it changed when it ends.
 """
@@ -132,23 +134,36 @@ def record_start(run_dir: str | os.PathLike, run_config: dict, start_step: int) 
 
 class _LogFile:
     """A text stream to a file that is created by the first write: a run that logs nothing leaves no
-    empty log behind."""
+    empty log behind. A log that cannot be written (a full disk, a file-size limit) is given up,
+    never an error of the run."""
 
     def __init__(self, path: Path):
-        self.path, self._f = path, None
+        self.path, self._f, self._broken = path, None, False
+
+    def _do(self, op) -> int:
+        if self._broken:
+            return 0
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a", encoding="utf-8")
+            return op(self._f) or 0
+        except OSError:
+            self._broken = True
+            return 0
 
     def write(self, text: str) -> int:
-        if self._f is None:
-            self._f = open(self.path, "a", encoding="utf-8")
-        return self._f.write(text)
+        return self._do(lambda f: f.write(text))
 
     def flush(self) -> None:
         if self._f is not None:
-            self._f.flush()
+            self._do(lambda f: f.flush())
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
 
 
 def _unraisable_to(stream):
@@ -165,6 +180,12 @@ def _unraisable_to(stream):
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def library_log_name() -> str:
+    """This process's library log: library.log, or library-process-I.log on process I > 0."""
+    i = jax.process_index()
+    return LIBRARY_LOG if i == 0 else f"library-process-{i}.log"
+
+
 @contextlib.contextmanager
 def library_logs_to(run_dir: str | os.PathLike):
     """Send what Orbax and TFDS log through absl, asyncio's task errors and Python's "Exception
@@ -174,7 +195,7 @@ def library_logs_to(run_dir: str | os.PathLike):
     to RUN_DIR/library.log. Everything is put back as it was when the block ends."""
     remote = storage.is_url(run_dir)
     path = (Path(tempfile.mkstemp(prefix="gpt2_jax-library-", suffix=".log")[1]) if remote
-            else Path(run_dir).absolute() / LIBRARY_LOG)
+            else Path(run_dir).absolute() / library_log_name())
     stream = _LogFile(path)
     file_handler = logging.StreamHandler(stream)
     file_handler.setFormatter(_FORMAT)
@@ -196,7 +217,7 @@ def library_logs_to(run_dir: str | os.PathLike):
         sys.unraisablehook = saved_hook
         stream.close()
         if remote:
-            _upload_log(path, storage.path(run_dir) / LIBRARY_LOG)
+            _upload_log(path, storage.path(run_dir) / library_log_name())
 
 
 def _upload_log(local: Path, url) -> None:
@@ -220,7 +241,7 @@ def library_logs_at_exit_to(run_dir: str | os.PathLike) -> None:
     if storage.is_url(run_dir):
         path = Path(tempfile.gettempdir()) / f"gpt2_jax-library-{os.getpid()}.log"
     else:
-        path = Path(run_dir).absolute() / LIBRARY_LOG
+        path = Path(run_dir).absolute() / library_log_name()
     if not path.parent.is_dir():
         return
     handler = logging.FileHandler(path, delay=True, encoding="utf-8")
@@ -452,6 +473,7 @@ def hold(run_dir, say: Callable[[str], None] = lambda _: None) -> Iterator[Run]:
                 if lock.previous:
                     say(f"took over the run directory from pid {lock.previous.get('pid')} on {lock.previous.get('host')}, "
                         "which ended without releasing it")
+            if lock is not None or jax.process_index() > 0:  # each process of a pod its own log
                 stack.enter_context(library_logs_to(run_dir))
             yield run
     except BaseException:

@@ -341,26 +341,36 @@ def distributed_client():
 
 
 def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
+    heartbeat_timeout_s: int = 100,
 ) -> bool:
     """Start JAX's multi-controller runtime when launched as several processes.
 
     Explicit `coordinator`/`num_processes`/`process_id` win; otherwise JAX's own auto-detection runs
-    when a cluster launcher is visible (SLURM, Open MPI, a multi-host TPU slice). Returns whether
-    the runtime was initialized.
+    when a cluster launcher is visible (SLURM, Open MPI, a multi-host TPU slice). A process that
+    sends no heartbeat for `heartbeat_timeout_s` is declared gone, and the runtime ends the others.
+    Returns whether the runtime was initialized.
     """
     if coordinator or num_processes or process_id is not None:
         if not (coordinator and num_processes and process_id is not None):
             raise ShardingError("multi-process runs need all of --coordinator, --num-processes and --process-id")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
         return True
+    if launched_as_several():
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+        return True
+    return False
+
+
+def launched_as_several() -> bool:
+    """Whether a cluster launcher started this process as one of several (SLURM, Open MPI, a
+    multi-host TPU slice)."""
     env = os.environ
-    launched = (
+    return (
         int(env.get("SLURM_NTASKS", "1")) > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
         or "," in env.get("TPU_WORKER_HOSTNAMES", "")
     )
-    if launched:
-        jax.distributed.initialize()
-        return True
-    return False

@@ -45,7 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from gpt2_jax import run_dir as run_dir_lib, storage
+from gpt2_jax import run_dir as run_dir_lib, sharding, storage
+from gpt2_jax.checkpoint.agreement import SaveAbandoned, SaveAgreement
 from gpt2_jax.checkpoint.items import (  # noqa: F401  (the checkpoint's public names, one import away)
     ARRAY_ITEMS, BEST_METRIC, COMMIT_FILE, DAMAGED_SUFFIX, ITEM_NAMES, JSON_ITEMS, PARAMS_DIR, TMP_SUFFIX,
     CheckpointError, IncompatibleCheckpoint, abstract_from_description, checkpoints_dir_of, complete_steps, describe,
@@ -170,7 +171,11 @@ class Checkpointer:
     """The checkpoints of one training run (`RUN_DIR/checkpoints`), on every process.
 
     `save` is asynchronous and never raises for I/O problems: it reports them on stderr and returns
-    False, so a full disk or a read-only directory does not kill a run that can still train.
+    False, so a full disk or a read-only directory does not kill a run that can still train. On a
+    multi-process run every process learns the outcome of every save (`checkpoint.agreement`): a
+    part that failed on one host fails the save everywhere, reported once by process 0 naming the
+    host; only a save that cannot even start on one host (its synchronous part raised, while the
+    others may be waiting in a collective of it) ends the run, with a CheckpointError naming the host.
     """
 
     def __init__(self, run_dir: str | os.PathLike, options: CheckpointOptions = CheckpointOptions(), *, read_only: bool = False):
@@ -184,6 +189,8 @@ class Checkpointer:
         # Unfinished saves are removed once this run is known to continue the run on disk (a
         # compatible restore, or its first save), never by a start that is then refused.
         self._cleaned = read_only
+        client = None if read_only else sharding.distributed_client()
+        self._pod = SaveAgreement(client) if client is not None else None
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -195,7 +202,9 @@ class Checkpointer:
                 enable_async_checkpointing=options.async_save,
                 # Create step directories before `save` returns, so a read-only or missing
                 # directory fails at once instead of timing out in a background thread.
-                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+                async_options=ocp.AsyncOptions(
+                    create_directories_asynchronously=False, barrier_sync_fn=self._pod.barrier if self._pod else None
+                ),
                 create=False,
                 read_only=read_only,
                 **_orbax_path_options(self.directory),
@@ -265,19 +274,29 @@ class Checkpointer:
 
     def _report_failure(self, step: int, why: str, detail: str | None = None) -> None:
         self.failed_steps.append(step)
+        if self._pod is not None and jax.process_index() != 0:  # a pod's failed save: process 0 says it
+            return
         kept = self.steps()
         where = f"earlier checkpoints are intact: steps {kept}" if kept else "no earlier checkpoint exists"
         self.warn(f"error: checkpoint for step {step} was NOT saved: {why}; {where}", detail)
 
     def wait(self) -> bool:
-        """Block until the save in flight is on disk; report it if it failed. Returns success."""
+        """Block until the save in flight is on disk; report it if it failed. Returns success
+        (on several processes: whether every process's part was written, the same everywhere)."""
         step, self._pending = self._pending, None
         if step is None:
             return True
+        why = detail = None
         try:
             self._mgr.wait_until_finished()
+        except SaveAbandoned:  # another process's part failed: `settle` names it
+            pass
         except Exception as e:  # the async write raised: disk full, I/O error, ...
-            self._report_failure(step, one_line(e), details(e))
+            why, detail = one_line(e), details(e)
+        if self._pod is not None:
+            why = self._pod.settle(why)  # the same on every process
+        if why is not None:
+            self._report_failure(step, why, detail)
             if jax.process_index() == 0:  # free the space the partial write took
                 self._remove_partial(step)
             return False
@@ -286,6 +305,20 @@ class Checkpointer:
             return False
         self._prune()
         return True
+
+    def abort(self) -> None:
+        """The run ends with an error: on one process, wait for the save in flight (it may still
+        complete); on several, give this process's part up at once, so that no process waits
+        for it (the others learn of the error from `gpt2_jax.train.pod`)."""
+        if self._pod is None or self._pending is None:
+            self.wait()
+            return
+        self._pending = None
+        self._pod.fail_early("the run ended with an error")
+        try:
+            self._mgr.wait_until_finished()
+        except Exception:  # the save was abandoned; the run's error is what is reported
+            pass
 
     def save(
         self,
@@ -316,6 +349,9 @@ class Checkpointer:
         items = _state_items(state)
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(items))
         problem = self._check_writable(nbytes)
+        if self._pod is not None:  # every process starts this save, or none does
+            self._pod.begin()
+            problem = self._pod.agree(problem)
         if problem:
             self._report_failure(step, problem)
             return False
@@ -329,6 +365,11 @@ class Checkpointer:
         try:
             self._mgr.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # directory creation or the synchronous copy failed
+            if self._pod is not None:  # the others may wait for it in a collective: the run ends
+                self._pod.fail_early(one_line(e))
+                raise CheckpointError(
+                    f"process {jax.process_index()}: checkpoint for step {step} could not be started: {one_line(e)}"
+                ) from e
             self._report_failure(step, one_line(e), details(e))
             self._remove_partial(step)
             return False

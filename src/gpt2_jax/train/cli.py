@@ -7,6 +7,7 @@ import dataclasses
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -17,10 +18,12 @@ from gpt2_jax import run_dir as run_dir_lib, sharding, storage
 from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig, parse_overrides
 from gpt2_jax.data import DataError
+from gpt2_jax.errors import one_line
 from gpt2_jax.sharding import ShardingError
 from gpt2_jax.storage import StorageError
 from gpt2_jax.train.config import MANAGED_MODEL_KEYS, TrainConfig, TrainingError, find_experiment, load_experiment, resolve_config
 from gpt2_jax.run_dir import RunDirInUse
+from gpt2_jax.train import pod, supervisor
 from gpt2_jax.train.loop import train
 
 
@@ -71,7 +74,7 @@ def _setup(args) -> tuple[TrainConfig, ModelConfig, Path]:
     settings = load_experiment(find_experiment(args.experiment))
     settings.update(parse_overrides(overrides))
     tcfg, mcfg = resolve_config(settings)
-    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=tcfg.heartbeat_timeout_s)
     mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
     if tcfg.grad_accum:
         sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, mesh)
@@ -79,17 +82,22 @@ def _setup(args) -> tuple[TrainConfig, ModelConfig, Path]:
     return tcfg, mcfg, run_dir
 
 
+def _resume_command(tcfg: TrainConfig, run_dir, argv: list[str] | None) -> str:
+    """The command that continues this run (the same arguments, the run directory named)."""
+    again = list(argv if argv is not None else sys.argv[1:])
+    if not tcfg.run_dir:
+        again.append(f"run_dir={run_dir}")
+    return f"python -m gpt2_jax.train {shlex.join(again)}"
+
+
 def _report(final: dict, tcfg: TrainConfig, run_dir, argv: list[str] | None) -> None:
     """The run's last line (process 0): how it ended, and the command that resumes a stopped run."""
     if jax.process_index() != 0:
         return
     if final.get("stopped"):
-        again = list(argv if argv is not None else sys.argv[1:])
-        if not tcfg.run_dir:
-            again.append(f"run_dir={run_dir}")
         print(
             f"stopped by {final['stopped']} after step {final['step']}; checkpoint saved in {run_dir / 'checkpoints'}. "
-            f"To resume: python -m gpt2_jax.train {shlex.join(again)}"
+            f"To resume: {_resume_command(tcfg, run_dir, argv)}"
         )
         return
     summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
@@ -99,27 +107,48 @@ def _report(final: dict, tcfg: TrainConfig, run_dir, argv: list[str] | None) -> 
 
 
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
-    """The command line. `exiting` (only `__main__`): the process ends when this returns, so what
-    libraries report while it shuts down goes to the run's library.log too."""
+    """The command line. `exiting` (the command line itself): the process ends when this returns,
+    so what libraries report while it shuts down goes to the run's library.log too, and a
+    multi-process run's trainer runs under `train.supervisor` (which reports a lost host)."""
     args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
+    several = args.coordinator or args.num_processes or sharding.launched_as_several()
+    if exiting and several and not supervisor.supervised():
+        return supervisor.run([sys.executable, *sys.orig_argv[1:]], args.process_id)
     run_dir = None
-    try:
-        tcfg, mcfg, run_dir = _setup(args)
-        if args.dry_run:
-            train(tcfg, mcfg, run_dir, dry_run=True)
-            return 0
-        final = train(tcfg, mcfg, run_dir)
-    except (ConfigError, ShardingError, DataError, RunDirInUse, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (TrainingError, CheckpointError, OSError) as e:  # OSError: e.g. a run directory that is not writable
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if exiting and run_dir is not None and jax.process_index() == 0 and _started(run_dir):
-            run_dir_lib.library_logs_at_exit_to(run_dir)
-    _report(final, tcfg, run_dir, argv)
+    with pod.Watch() as watch:  # started once the processes joined (in `_setup`)
+        try:
+            tcfg, mcfg, run_dir = _setup(args)
+            watch.start()
+            supervisor.tell(run_dir, _resume_command(tcfg, run_dir, argv))
+            final = train(tcfg, mcfg, run_dir, dry_run=args.dry_run)
+        except (ConfigError, ShardingError, DataError, RunDirInUse, StorageError) as e:
+            return _fail(watch, 2, str(e))
+        except (TrainingError, CheckpointError, OSError) as e:  # OSError: e.g. a run directory that is not writable
+            return _fail(watch, 1, str(e))
+        except KeyboardInterrupt:  # a second SIGINT: no save; on a pod the others end too
+            if watch.client is None:
+                raise
+            return _fail(watch, 130, "aborted by a second SIGINT, without saving")
+        except Exception as e:
+            if watch.client is None:
+                raise
+            traceback.print_exc()
+            return _fail(watch, 1, one_line(e))
+        finally:
+            if exiting and run_dir is not None and _started(run_dir):
+                run_dir_lib.library_logs_at_exit_to(run_dir)
+            if exiting and watch.failing:  # not JAX's shutdown barrier: the others are ending
+                watch.end()
+    if not args.dry_run:
+        _report(final, tcfg, run_dir, argv)
     return 0
+
+
+def _fail(watch: pod.Watch, code: int, message: str) -> int:
+    """Print the one-line error (naming this process on a pod) and tell the other processes."""
+    print(f"error: process {jax.process_index()}: {message}" if watch.client is not None else f"error: {message}", file=sys.stderr)
+    watch.fail(code, message)
+    return code
 
 
 def _started(run_dir) -> bool:

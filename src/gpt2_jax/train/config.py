@@ -77,6 +77,10 @@ class TrainConfig:
     # (periodic work and the first step not counted), every process writes its threads' stacks to
     # RUN_DIR/stacks-process-I.log and exits with status 3. 0 = auto: 50 median steps, at least 300 s.
     hang_timeout_s: float = 0.0
+    # On several processes, a process that sends no heartbeat for this long is gone (JAX's
+    # distributed runtime's heartbeat timeout; its default, 100 s): the others end, and the command
+    # line of each prints which process is gone, the newest checkpoint and how to resume.
+    heartbeat_timeout_s: int = 100
     # Fine-tuning (gpt2_jax.finetune). init_from: start from this checkpoint, run or HF GPT-2
     # directory (its shape replaces the size preset's); finetune_data: a jsonl of prompt/completion
     # pairs used instead of `dataset`, the loss counting completion tokens only; the templates
@@ -109,7 +113,7 @@ TRAIN_RANGES = {
     "hellaswag_every": _PERIOD, "hellaswag_limit": _PERIOD,
     "sample_tokens": Range(1, 1 << 20), "top_k": Range(1, 1 << 24), "log_every": _COUNT,
     "seed": Range(0, 2**32 - 1),  # jax.random keys take 32-bit seeds: a larger one would wrap silently
-    "hang_timeout_s": Range(0.0, 1e9), "ckpt_every": _PERIOD, "ckpt_keep": Range(1, 1 << 20), "ckpt_keep_best": Range(0, 1 << 20),
+    "hang_timeout_s": Range(0.0, 1e9), "heartbeat_timeout_s": Range(2, 1 << 20), "ckpt_every": _PERIOD, "ckpt_keep": Range(1, 1 << 20), "ckpt_keep_best": Range(0, 1 << 20),
 }
 
 

@@ -374,9 +374,12 @@ def _train(plan: Plan, attn, run: run_dir_lib.Run, say, hellaswag, batches) -> d
             with watchdog:  # the steps only: waiting for the last save is not watched
                 _steps(plan, state, start_step, train_batches, work, meter, bar)
         except TrainingError as e:
-            ckpt.wait()
+            ckpt.abort()
             last = ckpt.latest_step()
             raise TrainingError(f"{e}; last good checkpoint: " + (f"step {last} in {ckpt.directory}" if last else "none")) from None
+        except BaseException:  # on a pod, no process may wait for this one's part of a save
+            ckpt.abort()
+            raise
         finally:
             ckpt.close()
             bar.close()
