@@ -102,6 +102,17 @@ def test_round_trip_is_exact_with_all_items(tmp_path):
     assert_trees_equal(ck.restore(3, C.abstract_like(states[3])).state, states[3])
 
 
+def test_data_state_of_another_process_count_carries_over_when_shared():
+    """Saved by 2 processes, resumed by this one: one state that both saved (a global position) is
+    used; two different states (each process's own share of the data) are refused in one line."""
+    shared = {"loader": {"batch_size": 8}, "grain": {"next_index": 4}}
+    assert C.Restored(4, None, [shared, dict(shared)], None, None).data_state == shared
+    apart = [{**shared, "loader": {"shard_index": i}} for i in range(2)]
+    with pytest.raises(C.CheckpointError, match="saved by 2 process.*has 1: their data iterator states differ") as e:
+        C.Restored(4, None, apart, None, None).data_state
+    assert "\n" not in str(e.value)
+
+
 def test_keeps_latest_k_and_best_m_by_validation_loss(tmp_path):
     val = {2: 3.0, 4: 1.0, 6: 2.0, 10: 2.5}
     save_steps(tmp_path, [2, 4, 6, 8, 10, 12], options=C.CheckpointOptions(keep=2, keep_best=2), val=val)

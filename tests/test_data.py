@@ -495,19 +495,80 @@ def test_set_state_refuses_other_settings(ts_store):
         TrainLoader(store, seq_len=16, batch_size=3, seed=8).set_state(state)
 
 
-def test_two_processes_read_disjoint_slices_that_cover_the_split(ts_store):
+def shards(store, n, steps, **kw):
+    """[steps, n, rows, seq_len + 1]: each of n processes' rows of the first `steps` global batches."""
+    loaders = [TrainLoader(store, shard_index=i, shard_count=n, **kw) for i in range(n)]
+    return np.stack([take(loader, steps) for loader in loaders], axis=1)
+
+
+def test_processes_rows_are_the_one_process_batch(ts_store):
+    """For 1, 2 and 4 processes, process i reads rows [i*B/n, (i+1)*B/n) of the same global batch:
+    joined in process order they are the one-process batch, across an epoch boundary too."""
+    store, _ = ts_store
+    kw = dict(split="validation", seq_len=64, batch_size=12, seed=3)
+    steps = -(-TrainLoader(store, **kw).windows_per_epoch // 12) + 2  # into the second epoch
+    one = take(TrainLoader(store, **kw), steps)
+    for n in (1, 2, 4):
+        got = shards(store, n, steps, **kw)
+        assert got.shape == (steps, n, 12 // n, 65)
+        np.testing.assert_array_equal(got.reshape(one.shape), one)
+
+
+def test_processes_read_disjoint_rows_that_cover_the_split(ts_store):
     store, _ = ts_store
     seq_len, batch = 64, 16
     tokens = store_tokens(store, "validation")
     every = Counter(tuple(tokens[w * seq_len:w * seq_len + seq_len + 1]) for w in range((len(tokens) - 1) // seq_len))
-    seen = []
-    for shard in range(2):
-        loader = TrainLoader(store, "validation", seq_len=seq_len, batch_size=batch, seed=3, shard_index=shard,
-                             shard_count=2)
-        rows = take(loader, -(-loader.windows_per_epoch // batch)).reshape(-1, seq_len + 1)
-        seen.append(Counter(map(tuple, rows[:loader.windows_per_epoch])))
+    n = len(every)
+    got = shards(store, 2, -(-n // batch), split="validation", seq_len=seq_len, batch_size=batch, seed=3)
+    epoch = got.reshape(-1, seq_len + 1)[:n]  # the first epoch, rows in process order within each step
+    process = np.arange(n) % batch // (batch // 2)
+    seen = [Counter(map(tuple, epoch[process == i])) for i in range(2)]
     assert not set(seen[0]) & set(seen[1])
     assert seen[0] + seen[1] == every
+
+
+def test_state_saved_on_two_processes_continues_on_one_and_four(ts_store):
+    """The state is the same on every process and holds no process count: saved by 2 processes
+    after k batches, a loader on 1 or 4 processes goes on with the very next global batches."""
+    store, _ = ts_store
+    kw = dict(split="validation", seq_len=32, batch_size=8, seed=11)
+    k, m = 5, 4
+    one = take(TrainLoader(store, **kw), k + m)
+    two = [TrainLoader(store, shard_index=i, shard_count=2, **kw) for i in range(2)]
+    for loader in two:
+        take(loader, k)
+    states = [loader.get_state() for loader in two]
+    assert states[0] == states[1] and "shard_count" not in states[0]["loader"]
+    for n in (1, 4):
+        loaders = [TrainLoader(store, shard_index=i, shard_count=n, **kw) for i in range(n)]
+        for loader in loaders:
+            loader.set_state(states[0])
+        got = np.stack([take(loader, m) for loader in loaders], axis=1)
+        np.testing.assert_array_equal(got.reshape(one[k:].shape), one[k:])
+
+
+def test_earlier_per_process_state_is_refused_unless_one_process(ts_store):
+    """A state of the earlier format (per-process batch and shard in its identity): on 2 processes
+    it was another data order, refused in one line; on 1 process it was this very stream."""
+    store, _ = ts_store
+    kw = dict(split="validation", seq_len=32, batch_size=4, seed=11)
+    loader = TrainLoader(store, **kw)
+    take(loader, 3)
+    state = loader.get_state()
+    old = {**state, "loader": {**state["loader"], "batch_size": 2, "shard_index": 1, "shard_count": 2}}
+    with pytest.raises(DataError, match="saved by 2 processes in the earlier per-process format") as e:
+        TrainLoader(store, shard_index=1, shard_count=2, **kw).set_state(old)
+    assert "\n" not in str(e.value)
+    again = TrainLoader(store, **kw)
+    again.set_state({**state, "loader": {**state["loader"], "shard_index": 0, "shard_count": 1}})
+    np.testing.assert_array_equal(next(again), next(loader))
+
+
+def test_batch_that_processes_do_not_divide_is_refused(ts_store):
+    store, _ = ts_store
+    with pytest.raises(DataError, match="batch_size=6 does not divide over 4 processes"):
+        TrainLoader(store, "validation", seq_len=32, batch_size=6, seed=0, shard_index=0, shard_count=4)
 
 
 def test_every_epoch_is_a_new_permutation_of_the_windows(ts_store):

@@ -72,6 +72,12 @@ def test_pair_loader_is_deterministic_shardable_and_resumable():
     s0 = finetune.PairLoader(examples, 4, 4, 3, shard_index=0, shard_count=2)
     s1 = finetune.PairLoader(examples, 4, 4, 3, shard_index=1, shard_count=2)
     np.testing.assert_array_equal(np.concatenate([next(s0)["tokens"], next(s1)["tokens"]]), batches[0]["tokens"])
+    # the state holds no process count: saved by the 2 processes, continued by 4
+    assert s0.get_state() == s1.get_state()
+    quarters = [finetune.PairLoader(examples, 4, 4, 3, shard_index=i, shard_count=4) for i in range(4)]
+    for q in quarters:
+        q.set_state(s1.get_state())
+    np.testing.assert_array_equal(np.concatenate([next(q)["tokens"] for q in quarters]), batches[1]["tokens"])
     b = finetune.PairLoader(examples, 4, 4, 3)
     b.set_state(a.get_state() | {"step": 3})
     np.testing.assert_array_equal(next(b)["tokens"], batches[3]["tokens"])

@@ -84,17 +84,21 @@ class Restored(NamedTuple):
 
     @property
     def data_state(self) -> dict | None:
-        """This process's data iterator state (None if none was saved). A run saved by another
-        number of processes read its data in another order, so its position cannot carry over."""
+        """This process's data iterator state (None if none was saved). A checkpoint of another
+        number of processes carries over when every process saved the same state (a global data
+        position); states that differ were each one process's own share of the data, and do not."""
         if not self.data_states:
             return None
         n = jax.process_count()
-        if len(self.data_states) != n:
+        if len(self.data_states) == n:
+            return self.data_states[jax.process_index()]
+        if any(d != self.data_states[0] for d in self.data_states):
             raise CheckpointError(
                 f"checkpoint step {self.step} was saved by {len(self.data_states)} process(es) and this run "
-                f"has {n}: each process reads its own share of the data, so the iterator positions do not carry over"
+                f"has {n}: their data iterator states differ (each process read its own share of the data), "
+                "so the data position does not carry over"
             )
-        return self.data_states[jax.process_index()]
+        return self.data_states[0]
 
 
 def _gather_json(obj: Any) -> list[Any]:

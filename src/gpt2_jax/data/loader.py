@@ -1,10 +1,12 @@
 """Grain input pipelines over a token store: shuffled training windows and sequential eval windows.
 
 Training windows are fixed: window w holds tokens [w*T, w*T + T + 1), so consecutive windows share
-one token and every token after the first is a target exactly once per epoch. Each process keeps
-the windows w with w % shard_count == shard_index (it never reads the others), shuffles them with
-the seed (a new permutation every epoch) and batches them; Grain reads batches ahead in background
-threads and saves the position.
+one token and every token after the first is a target exactly once per epoch. Every epoch is a
+seeded permutation of all the split's windows, and global batch b is the windows at positions
+[b*B, (b+1)*B) of the epochs laid end to end, whatever the number of processes; process i of n reads
+only its rows [i*B/n, (i+1)*B/n) of it. Grain reads batches ahead in background threads and saves
+the position (the next batch index), which is therefore the same on every process and carries over
+to another number of processes.
 """
 
 from __future__ import annotations
@@ -39,15 +41,16 @@ class _Windows:
 
 
 class _Batches:
-    """Batch b of an endless stream of epochs, each a seeded permutation of this process's windows.
+    """This process's rows of global batch b of an endless stream of epochs, each a seeded
+    permutation of all the windows.
 
-    Stream position p is epoch p // n, slot p % n; the epoch's permutation comes from
-    numpy's Generator seeded with (seed, epoch), so any batch can be computed directly, which
-    is what makes Grain's saved position (the next batch index) an exact resume point.
+    Stream position p is epoch p // n, slot p % n; the epoch's permutation comes from numpy's
+    Generator seeded with (seed, epoch), so any batch can be computed directly, which is what makes
+    Grain's saved position (the next batch index) an exact resume point.
     """
 
-    def __init__(self, windows: _Windows, mine: np.ndarray, batch_size: int, seed: int):
-        self.windows, self.mine, self.batch_size, self.seed = windows, mine, batch_size, seed
+    def __init__(self, windows: _Windows, batch_size: int, first: int, rows: int, seed: int):
+        self.windows, self.batch_size, self.first, self.rows, self.seed = windows, batch_size, first, rows, seed
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -59,17 +62,18 @@ class _Batches:
             if epoch not in self._perms:
                 if len(self._perms) >= 4:
                     self._perms.pop(min(self._perms))
-                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.mine))
+                self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
             return self._perms[epoch]
 
     def __getitem__(self, b: int) -> np.ndarray:
-        n = len(self.mine)
-        pos = np.arange(int(b) * self.batch_size, (int(b) + 1) * self.batch_size, dtype=np.int64)
-        slots = np.empty_like(pos)
+        n = len(self.windows)
+        start = int(b) * self.batch_size + self.first
+        pos = np.arange(start, start + self.rows, dtype=np.int64)
+        ws = np.empty_like(pos)
         for epoch in np.unique(pos // n):
             sel = pos // n == epoch
-            slots[sel] = self._perm(int(epoch))[pos[sel] % n]
-        return self.windows.read_batch(self.mine[slots])
+            ws[sel] = self._perm(int(epoch))[pos[sel] % n]
+        return self.windows.read_batch(ws)
 
 
 def _check_shard(shard_index: int, shard_count: int) -> None:
@@ -78,10 +82,14 @@ def _check_shard(shard_index: int, shard_count: int) -> None:
 
 
 class TrainLoader:
-    """Infinite iterator of int32 [batch_size, seq_len + 1] training batches for this process.
+    """Infinite iterator of this process's int32 [batch_size / shard_count, seq_len + 1] rows of
+    each global training batch of `batch_size` windows.
 
-    `get_state()` returns a JSON-serializable dict; `set_state(state)` on a loader built with the
-    same arguments continues exactly where the saved one stopped.
+    The global batch of a step depends only on (store, split, seq_len, batch_size, seed, step), and
+    process `shard_index` of `shard_count` reads its contiguous share of it, so the processes' rows
+    in process order are the one-process batch. `get_state()` returns a JSON-serializable dict that
+    is the same on every process; `set_state(state)` on a loader built with the same arguments,
+    with any number of processes, continues exactly where the saved one stopped.
     """
 
     def __init__(self, store, split: str = "train", *, seq_len: int, batch_size: int, seed: int,
@@ -89,20 +97,20 @@ class TrainLoader:
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
         _check_shard(shard_index, shard_count)
+        if batch_size % shard_count:
+            raise DataError(f"batch_size={batch_size} does not divide over {shard_count} processes")
         self.tokens = SplitTokens(store, split)
         windows = _Windows(self.tokens, seq_len)
-        if len(windows) < shard_count:
+        if not len(windows):
             raise DataError(f"{self.tokens.store}: split {split!r} has {len(self.tokens)} tokens, fewer than "
-                            f"{shard_count} window(s) of {seq_len + 1}")
+                            f"one window of {seq_len + 1}")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.shard_index, self.shard_count = shard_index, shard_count
-        self.num_windows = len(windows)  # in the whole split, all processes together
-        mine = np.arange(shard_index, len(windows), shard_count, dtype=np.int64)
-        self.windows_per_epoch = len(mine)  # this process's slice
+        self.rows = batch_size // shard_count  # this process's share of each global batch
+        self.windows_per_epoch = len(windows)  # in the whole split: every epoch visits them all
         # Grain iterates batch indices (its state is the next one) and reads ahead in threads; the
         # shuffle is done here, a batch at a time, because per-element shuffling and batching in
         # Grain cost ~50-300 us per window, more than reading the window.
-        ds = grain.MapDataset.source(_Batches(windows, mine, batch_size, seed))
+        ds = grain.MapDataset.source(_Batches(windows, batch_size, shard_index * self.rows, self.rows, seed))
         self._iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
     def __iter__(self) -> "TrainLoader":
@@ -116,9 +124,9 @@ class TrainLoader:
         self._iter.close()
 
     def _identity(self) -> dict[str, Any]:
+        """The settings the position is valid for; the process count is not one of them."""
         return {"store": self.tokens.fingerprint, "split": self.tokens.split, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "seed": self.seed, "shard_index": self.shard_index,
-                "shard_count": self.shard_count}
+                "batch_size": self.batch_size, "seed": self.seed}
 
     def get_state(self) -> dict[str, Any]:
         """Position of the iterator plus the settings it is only valid for (JSON-serializable)."""
@@ -126,12 +134,27 @@ class TrainLoader:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue from `get_state()`'s result; refuses a state saved under other settings."""
-        if not isinstance(state, dict) or "grain" not in state or "loader" not in state:
+        if not isinstance(state, dict) or "grain" not in state or not isinstance(state.get("loader"), dict):
             raise DataError("not a TrainLoader state (needs 'loader' and 'grain')")
-        if state["loader"] != self._identity():
-            diff = {k: (v, self._identity().get(k)) for k, v in state["loader"].items() if self._identity().get(k) != v}
+        saved = _from_per_process_format(state["loader"])
+        if saved != self._identity():
+            diff = {k: (v, self._identity().get(k)) for k, v in saved.items() if self._identity().get(k) != v}
             raise DataError(f"loader state was saved with other settings (saved, now): {diff}")
         self._iter.set_state(state["grain"])
+
+
+def _from_per_process_format(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved loader identity in today's form. The earlier format gave each of shard_count
+    processes every shard_count-th window and its own batches; with one process that is today's
+    stream exactly, with several it is another order of the data (refused)."""
+    if "shard_count" not in saved:
+        return saved
+    if saved["shard_count"] != 1:
+        raise DataError(
+            f"loader state was saved by {saved['shard_count']} processes in the earlier per-process format "
+            "(each process its own share of the windows), whose data position does not carry over"
+        )
+    return {k: v for k, v in saved.items() if k not in ("shard_index", "shard_count")}
 
 
 def eval_windows(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:

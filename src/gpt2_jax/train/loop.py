@@ -55,7 +55,7 @@ def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int, store=None)
     store = prepare_store(tcfg) if store is None else store
     try:
         train = data.TrainLoader(
-            store, "train", seq_len=seq_len, batch_size=tcfg.batch_size // n, seed=tcfg.seed, shard_index=i, shard_count=n
+            store, "train", seq_len=seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed, shard_index=i, shard_count=n
         )
         val = list(
             data.eval_batches(
