@@ -2,10 +2,16 @@
 
 SIGTERM to all, to one, and to one during a validation or HellaSwag scoring: every process stops
 after the same step, one checkpoint of that step is saved, every process exits 0, process 0 prints
-the stop line, and the resume's losses equal an uninterrupted run's bit for bit. A hang on one
-process: the watchdog ends every process with its stacks log. Faults are injected as in
-tests/test_faults.py: the trainer runs from a small script that first wraps one function. Each case
-is bounded in time (a hang fails). The time from the signal to each process's exit is printed.
+the stop line. A hang on one process: the watchdog ends every process with its stacks log. SIGKILL
+of a worker or of process 0 (with its supervising parent, as when a machine goes): the other ends
+within the heartbeat bound with the lines that name the lost process, the newest checkpoint and the
+resume command. An exception on one process: every process ends within seconds, naming it. A
+file-size limit on one process: each failed save is reported once by process 0, nothing hangs.
+Each case then resumes, and the resume's losses equal an uninterrupted run's bit for bit. Faults are
+injected as in tests/test_faults.py: the trainer runs from a small script that first wraps one
+function. Each case is bounded in time (a hang fails). The time from each fault to each process's
+exit is printed (`-s`). The resume on another number of processes is tests/test_resume_process_count.py,
+and SIGTERM with the run directory on gs:// is tests/test_storage_multihost.py.
 """
 
 from __future__ import annotations
@@ -264,7 +270,7 @@ def test_sigterm_during_hellaswag_scoring_cuts_it_short(tmp_path, env, reference
     assert step == 8 and "SIGTERM: HellaSwag scoring cut short" in pod.out(0), pod.out(0)[-3000:]
 
 
-def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env):
+def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env, reference):
     pod = Pod(tmp_path, env, "hang_timeout_s=5", code=HANG + MAIN)
     ended = pod.finish()
     assert "HANGING" in pod.out(1)
@@ -278,6 +284,7 @@ def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env)
         assert "Thread" in stacks and "File " in stacks
     assert "hanging_push" in (tmp_path / "stacks-process-1.log").read_text()  # where process 1's main thread was
     assert all(4 <= t < 5 + 15 for t in after)  # about the bound (its clock starts at the last step), then the wait for the peer
+    _resumes_exactly(tmp_path, env, reference, None)  # (no checkpoint was due yet: the run starts again)
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["sigkill-of-a-worker", "sigkill-of-the-coordinator"])

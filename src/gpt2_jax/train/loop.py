@@ -43,9 +43,14 @@ def prepare_store(tcfg: TrainConfig):
             multihost_utils.sync_global_devices("gpt2_jax data prepared")
         if i != 0:
             store = data.prepare(tcfg.dataset, progress=False)
-    except DataError as e:  # name the setting: "dataset=URL: ..." rather than "URL: ..."
-        raise DataError(f"dataset={tcfg.dataset}: {str(e).removeprefix(f'{tcfg.dataset}: ')}") from None
+    except DataError as e:
+        raise _named(tcfg, e) from None
     return store
+
+
+def _named(tcfg: TrainConfig, e: DataError) -> DataError:
+    """The error with the setting named: "dataset=URL: ..." rather than "URL: ..."."""
+    return DataError(f"dataset={tcfg.dataset}: {str(e).removeprefix(f'{tcfg.dataset}: ')}")
 
 
 def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int, store=None) -> tuple[Iterator[np.ndarray], list[dict[str, np.ndarray]]]:
@@ -64,7 +69,7 @@ def load_data(tcfg: TrainConfig, seq_len: int, eval_batch_size: int, store=None)
             )
         )
     except DataError as e:
-        raise DataError(f"dataset={tcfg.dataset}: {str(e).removeprefix(f'{tcfg.dataset}: ')}") from None
+        raise _named(tcfg, e) from None
     return train, val
 
 
