@@ -46,8 +46,7 @@ def test_a_child_killed_by_the_runtime_ends_with_the_readable_lines(tmp_path, ca
     code, out, err = _run(tmp_path, f"""
         s.tell({str(tmp_path)!r}, "python -m gpt2_jax.train tiny run_dir=X --process-id 0")
         print("step 10 | loss 10.6", flush=True)
-        sys.stderr.write("train: 3%|  | 11/400\\r")
-        sys.stderr.write({REPORT!r}); sys.stderr.flush()
+        sys.stderr.write("train: 3%|  | 11/400\\r" + {REPORT!r}); sys.stderr.flush()  # read at once: a report after a bar's \\r
         os.abort()
     """, capfd)
     lines = err.splitlines()

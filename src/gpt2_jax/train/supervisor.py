@@ -30,8 +30,9 @@ import threading
 from gpt2_jax.launch import launched_as_several
 
 ENV = "GPT2_JAX_SUPERVISOR_FD"  # in the child: the pipe to its parent
-# The runtime's log lines (glog: severity, date, time, thread, file:line]) that start its report.
-RUNTIME_ERROR = re.compile(rb"(?m)^[WEF]\d{4} [\d:.]+ +\d+ (coordination_service\w*|client|preemption_sync_manager)\.\w+:\d+\]")
+# The runtime's log lines (glog: severity, date, time, thread, file:line]) that start its report; a
+# line starts after a newline, or after the carriage return of a progress bar's unfinished line.
+RUNTIME_ERROR = re.compile(rb"(?m)(?:^|(?<=\r))[WEF]\d{4} [\d:.]+ +\d+ (coordination_service\w*|client|preemption_sync_manager)\.\w+:\d+\]")
 # "...unhealthy (stopped sending heartbeats):" then one task per line: "1", or "/job:jax_worker/replica:0/task:1"
 GONE_WORKERS = re.compile(r"unhealthy \(stopped sending heartbeats\):[ \t]*\n((?:[ \t]*(?:/job:\S*task:)?\d+[ \t]*\n)+)")
 COORDINATOR_GONE = ("Socket closed", "Failed to send RPC to coordination service", "Connection refused", "failed to connect")
