@@ -29,6 +29,15 @@ class KeyValueStore:
         with self.lock:
             return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
 
+    def blocking_key_value_get(self, key, timeout_ms):
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            with self.lock:
+                if key in self.data:
+                    return self.data[key]
+            time.sleep(0.01)
+        raise TimeoutError(key)
+
 
 def _pod(timeout_s: float = 5.0) -> list[A.SaveAgreement]:
     store, pod = KeyValueStore(), []
@@ -101,3 +110,9 @@ def test_each_save_has_its_own_keys():
     assert _both(lambda: p0.settle("disk full"), lambda: p1.settle(None)) == ["process 0: disk full"] * 2
     p0.begin(), p1.begin()  # the next save: the earlier failure is not this one's
     assert _both(lambda: p0.settle(None), lambda: p1.settle(None)) == [None, None]
+
+
+def test_the_old_checkpoints_to_delete_are_process_0s_choice():
+    """Process 1 may list the folder while process 0 deletes: both delete what process 0 chose."""
+    p0, p1 = _pod()
+    assert _both(lambda: p0.shared("prune", "[4]"), lambda: p1.shared("prune", None)) == ["[4]", "[4]"]

@@ -388,7 +388,8 @@ class Checkpointer:
         """Delete complete checkpoints that are neither among the latest K nor the best M.
 
         Runs on every process (Orbax's delete has a barrier); metrics are read as plain files,
-        without Orbax's barriers, so every process takes the same decision."""
+        without Orbax's barriers. On several processes the steps are process 0's choice, shared
+        (`SaveAgreement.shared`): another process could list the folder while process 0 deletes."""
         infos = [_Info(s, _metrics_file(self.directory / str(s)), datetime.datetime.now()) for s in self.steps()]
         policy = ocm.AnyPreservationPolicy([
             ocm.LatestN(n=max(self.options.keep, 1)),
@@ -396,12 +397,14 @@ class Checkpointer:
                       keep_checkpoints_without_metrics=False),
         ])
         keep = policy.should_preserve(infos, context=ocm.PreservationContext())
-        for info, k in zip(infos, keep):
-            if not k:
-                try:
-                    self._mgr.delete(info.step)
-                except Exception as e:  # deletion is housekeeping: never fatal
-                    self.warn(f"warning: cannot delete old checkpoint step {info.step}: {one_line(e)}", details(e))
+        doomed = [info.step for info, k in zip(infos, keep) if not k]
+        if self._pod is not None:
+            doomed = json.loads(self._pod.shared("prune", json.dumps(doomed) if jax.process_index() == 0 else None))
+        for step in doomed:
+            try:
+                self._mgr.delete(step)
+            except Exception as e:  # deletion is housekeeping: never fatal
+                self.warn(f"warning: cannot delete old checkpoint step {step}: {one_line(e)}", details(e))
 
     # -- restoring ---------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ on into a collective they never join: the pod hangs without a word. Here instead
 - `settle` is where every process posts the outcome of its part and reads every other's (bounded),
   so that every process takes the same decision: saved, or not saved because of process I's reason.
 - `agree` shares the checks made before a save starts (a full disk on one host), so that every
-  process starts the save or none does.
+  process starts the save or none does, and `shared` process 0's choice of the old checkpoints to
+  delete (each process lists the disk at another moment, maybe while process 0 deletes).
 
 Every process saves in the same order, so the n-th save has the same keys everywhere.
 """
@@ -95,6 +96,16 @@ class SaveAgreement:
             time.sleep(POLL_S)
         failed = {i: w for i, w in posts.items() if w}
         return _name(failed) if failed else None
+
+
+    def shared(self, what: str, value: str | None) -> str:
+        """Process 0's `value` (the others pass None and wait for it, bounded): a decision that
+        every process must take alike although each sees the disk at another moment."""
+        key = f"{self._current}{what}"
+        if self._me == 0:
+            self._client.key_value_set(key, value or "", allow_overwrite=True)
+            return value or ""
+        return self._client.blocking_key_value_get(key, int(self.timeout_s * 1000))
 
 
 def _name(failed: dict[int, str]) -> str:
