@@ -4,6 +4,7 @@ run wrote, and hand-made HellaSwag items."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,14 @@ def write_hellaswag(data_dir: Path, items=HELLASWAG_ITEMS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(x) + "\n" for x in items))
     return path
+
+
+def pod_env(data_dir, cache_dir) -> dict[str, str]:
+    """The environment of a trainer process of a pod on this machine: 2 CPU devices per process,
+    gloo collectives, the shared data and a cache of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        GPT2_JAX_DATA_DIR=str(data_dir), GPT2_JAX_CACHE_DIR=str(cache_dir),
+    )
+    return env

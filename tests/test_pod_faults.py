@@ -29,7 +29,7 @@ import time
 import pytest
 
 from gpt2_jax import checkpoint as C
-from helpers import run_losses
+from helpers import run_losses, pod_env
 from test_train_multiprocess import _free_port
 
 pytestmark = pytest.mark.slow
@@ -103,12 +103,7 @@ hooks.Meter.push = raising_push
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, shared_data):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        GPT2_JAX_DATA_DIR=str(shared_data), GPT2_JAX_CACHE_DIR=str(tmp_path_factory.mktemp("cache")),
-    )
-    return env
+    return pod_env(shared_data, tmp_path_factory.mktemp("cache"))
 
 
 def _args(extra) -> list[str]:

@@ -76,27 +76,24 @@ class SaveAgreement:
         """Post this process's outcome (`why` it failed, None if its part was written or it gave
         up for another's failure) and wait for every process's: the reason the save failed, naming
         the process ("process 1: File too large"), or None when it was saved everywhere."""
-        self._post("outcome", why or "")
-        deadline = time.monotonic() + self.timeout_s
-        while len(posts := self._posts("outcome")) < self._n:
-            if time.monotonic() > deadline:
-                return f"{_missing(posts, self._n)} did not report the outcome of its part within {self.timeout_s:.0f} s"
-            time.sleep(POLL_S)
-        failed = {i: w for i, w in posts.items() if w}
-        return _name(failed) if failed else None
+        return self._gather("outcome", why, "did not report the outcome of its part")
 
     def agree(self, problem: str | None) -> str | None:
         """The first problem any process found before the save (None: none did); every process
         gets the same answer (the checks before a save: writable, enough space)."""
-        self._post("check", problem or "")
+        return self._gather("check", problem, "did not check its disk")
+
+    def _gather(self, what: str, failure: str | None, late: str) -> str | None:
+        """Post `failure` (None: none) under `what`, wait (bounded) for every process's: the first
+        failure, named, or None; `late` says what a process missing at the bound did not do."""
+        self._post(what, failure or "")
         deadline = time.monotonic() + self.timeout_s
-        while len(posts := self._posts("check")) < self._n:
+        while len(posts := self._posts(what)) < self._n:
             if time.monotonic() > deadline:
-                return f"{_missing(posts, self._n)} did not check its disk within {self.timeout_s:.0f} s"
+                return f"{_missing(posts, self._n)} {late} within {self.timeout_s:.0f} s"
             time.sleep(POLL_S)
         failed = {i: w for i, w in posts.items() if w}
         return _name(failed) if failed else None
-
 
     def shared(self, what: str, value: str | None) -> str:
         """Process 0's `value` (the others pass None and wait for it, bounded): a decision that
