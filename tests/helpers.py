@@ -1,10 +1,12 @@
 """Helpers shared by tests: random HF GPT-2 models as the independent reference, what a training
-run wrote, and hand-made HellaSwag items."""
+run wrote, hand-made HellaSwag items, and a stand-in for the distributed runtime's key-value store."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +94,31 @@ def pod_env(data_dir, cache_dir) -> dict[str, str]:
         GPT2_JAX_DATA_DIR=str(data_dir), GPT2_JAX_CACHE_DIR=str(cache_dir),
     )
     return env
+
+
+class KeyValueStore:
+    """A stand-in for JAX's distributed client: the key-value store calls that the pod's agreements
+    make (the real store also refuses a second write of a key unless told to overwrite)."""
+
+    def __init__(self):
+        self.data: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        with self.lock:
+            if not allow_overwrite and key in self.data:
+                raise RuntimeError(f"ALREADY_EXISTS: {key}")
+            self.data[key] = value
+
+    def key_value_dir_get(self, prefix):
+        with self.lock:
+            return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            with self.lock:
+                if key in self.data:
+                    return self.data[key]
+            time.sleep(0.01)
+        raise TimeoutError(key)

@@ -11,32 +11,7 @@ import time
 import pytest
 
 from gpt2_jax.checkpoint import agreement as A
-
-
-class KeyValueStore:
-    """The calls of JAX's distributed client that the agreement makes."""
-
-    def __init__(self):
-        self.data: dict[str, str] = {}
-        self.lock = threading.Lock()
-
-    def key_value_set(self, key, value, allow_overwrite=False):
-        with self.lock:
-            assert allow_overwrite or key not in self.data
-            self.data[key] = value
-
-    def key_value_dir_get(self, prefix):
-        with self.lock:
-            return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
-
-    def blocking_key_value_get(self, key, timeout_ms):
-        deadline = time.monotonic() + timeout_ms / 1000
-        while time.monotonic() < deadline:
-            with self.lock:
-                if key in self.data:
-                    return self.data[key]
-            time.sleep(0.01)
-        raise TimeoutError(key)
+from helpers import KeyValueStore
 
 
 def _pod(timeout_s: float = 5.0) -> list[A.SaveAgreement]:

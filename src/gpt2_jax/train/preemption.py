@@ -7,16 +7,20 @@ agrees on that step through the key-value store of JAX's distributed runtime, wi
 sync and without a wait that has no bound:
 
 1. Every process polls at the same points of its control flow (each step boundary, each batch of
-   a validation), numbered alike everywhere. A process that was signalled, or that finds another
-   process's post, posts the number of its current poll (`at/I`) and goes on.
-2. Once every process has posted, each takes `max(posts) + LAG` as the agreed poll and stops there
-   (processes behind run the missing steps). Posting never waits: a process that waited at a
-   barrier on noticing could leave a peer that had not noticed yet blocked in a collective of the
-   next step. LAG covers how far a peer may run ahead: the loop reads a step's metrics one step
-   behind (it dispatches step t, then reads step t-1's), so a process can be at most two polls
-   past the last poster when it finds the last post.
+   a validation or a scoring, each chunk of a sample), numbered alike everywhere, and reads the
+   store's stop target there (one small read; no write while nothing happens).
+2. The first signalled process to write the target sets it: its current poll plus LAG. The store
+   refuses a second writer, who reads the first one's target instead. Nobody waits for the others'
+   answers, so the stop comes LAG polls after the first signal is noticed, whoever received it.
+   LAG covers how far a peer may already be ahead. Each poll follows the read-back of work that
+   was dispatched after the poll two before it (the loop reads step t-1's metrics after
+   dispatching step t; validations and scorings keep two batches in flight), and that work's
+   collectives need every process; so while the writer is at poll a, no peer is past poll a+1,
+   and a peer that already read the store at a+1 reads it again at a+2, after the write. A
+   smaller LAG would need a sync of every process before every step, which the pipelined loop
+   exists to avoid.
 3. At the agreed poll every process meets at a barrier bounded by `STOP_TIMEOUT_S`, then saves.
-   A bound that runs out raises TrainingError naming the processes that did not answer.
+   A bound that runs out raises TrainingError naming the processes that did not come.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import itertools
 import signal
 import threading
-import time
 from typing import Any
 
 import jax
@@ -33,8 +36,8 @@ from gpt2_jax import sharding
 from gpt2_jax.errors import warn
 from gpt2_jax.train.config import TrainingError
 
-LAG = 2  # polls between the last post and the agreed stop (see the module's docstring)
-STOP_TIMEOUT_S = 120  # the longest any process waits for the others' answers to a stop
+LAG = 2  # polls between the first signalled process's poll and the agreed stop (see the module's docstring)
+STOP_TIMEOUT_S = 120  # the longest any process waits at the agreed stop for the others
 _runs = itertools.count()  # each guard's keys are its own (every process creates guards in the same order)
 
 
@@ -49,21 +52,16 @@ class PodStop:
         self._client, self._prefix, self.timeout_s = client, prefix, timeout_s
         self._me, self._n = jax.process_index(), jax.process_count()
         self.polls = 0
-        self._posted_at: float | None = None  # time of this process's post
         self.target: int | None = None
-        self.reason: str | None = None  # the signal that started it (first signalled process's)
+        self.reason: str | None = None  # the signal that set the target (on the process that set it)
 
     def poll(self, signal_name: str | None) -> bool:
         """Whether the processes agreed to stop at this poll (every process calls it at the same points)."""
         self.polls += 1
         if self.target is None:
-            posts = self._posts() if self._posted_at is not None or signal_name is None else {}
-            if self._posted_at is None and (signal_name or posts):
-                self._client.key_value_set(f"{self._prefix}at/{self._me}", f"{self.polls},{signal_name or ''}")
-                self._posted_at = time.monotonic()
-                posts = self._posts()
-            if self._posted_at is not None:
-                self._agree(posts)
+            self._read_target()
+            if self.target is None and signal_name is not None:
+                self._set_target(signal_name)
         if self.target is None or self.polls < self.target:
             return False
         if self.polls > self.target:
@@ -71,20 +69,20 @@ class PodStop:
         self._meet()
         return True
 
-    def _posts(self) -> dict[int, tuple[int, str]]:
-        out = {}
-        for key, value in self._client.key_value_dir_get(f"{self._prefix}at/"):
-            count, _, name = value.partition(",")
-            out[int(key.rsplit("/", 1)[-1])] = (int(count), name)
-        return out
+    def _read_target(self) -> None:
+        for _, value in self._client.key_value_dir_get(f"{self._prefix}target/"):
+            count, name, _ = value.split(",")
+            self.target, self.reason = int(count), name
 
-    def _agree(self, posts: dict[int, tuple[int, str]]) -> None:
-        if len(posts) == self._n:
-            self.target = max(c for c, _ in posts.values()) + LAG
-            self.reason = next((posts[i][1] for i in sorted(posts) if posts[i][1]), "preemption")
-        elif time.monotonic() - self._posted_at > self.timeout_s:
-            missing = sorted(set(range(self._n)) - set(posts))
-            raise TrainingError(f"process(es) {', '.join(map(str, missing))} did not answer the request to stop within {self.timeout_s:.0f} s")
+    def _set_target(self, signal_name: str) -> None:
+        try:  # the store keeps the first write of a key; a later writer gets an error
+            self._client.key_value_set(f"{self._prefix}target/t", f"{self.polls + LAG},{signal_name},{self._me}")
+        except Exception:  # another process set it between this poll's read and this write
+            self._read_target()
+            if self.target is None:
+                raise
+        else:
+            self.target, self.reason = self.polls + LAG, signal_name
 
     def _meet(self) -> None:
         """The bounded barrier at the agreed stop; the processes that did not come are named."""
