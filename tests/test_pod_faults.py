@@ -29,6 +29,7 @@ import time
 import pytest
 
 from gpt2_jax import checkpoint as C
+from gpt2_jax.train import preemption
 from helpers import run_losses, pod_env
 from test_train_multiprocess import _free_port
 
@@ -153,9 +154,9 @@ class Pod:
     def out(self, i: int) -> str:
         return "".join(self.lines[i])
 
-    def wait_for(self, pattern: str) -> None:
-        """Until process 0 printed `pattern` (a regular expression)."""
-        while not re.search(pattern, self.out(0)):
+    def wait_for(self, pattern: str, i: int = 0) -> None:
+        """Until process `i` printed `pattern` (a regular expression)."""
+        while not re.search(pattern, self.out(i)):
             assert time.monotonic() - self.start < LIMIT_S and self.procs[0].poll() is None, self.out(0)[-3000:]
             time.sleep(0.05)
 
@@ -194,12 +195,13 @@ def reference(tmp_path_factory, env):
     return losses
 
 
-def _stopped_then_resumed(tmp_path, env, reference, pod: Pod, signalled_at: float, what: str, *extra: str) -> int:
+def _stopped_then_resumed(tmp_path, env, reference, pod: Pod, signalled_at: float, what: str, *extra: str,
+                          sig: str = "SIGTERM") -> int:
     """The stop's checks (every process 0, one checkpoint of the step process 0 names), then the
     resume's losses against the reference; returns the step."""
     ended = pod.finish()
     assert [code for code, _ in ended] == [0, 0], pod.out(0)[-3000:] + pod.out(1)[-3000:]
-    stops = re.findall(r"stopped by SIGTERM after step (\d+); checkpoint saved in (\S+)\. To resume: ", pod.out(0))
+    stops = re.findall(rf"stopped by {sig} after step (\d+); checkpoint saved in (\S+)\. To resume: ", pod.out(0))
     assert len(stops) == 1 and stops[0][1] == str(tmp_path / "checkpoints"), pod.out(0)[-3000:]
     assert "stopped by" not in pod.out(1)
     step = int(stops[0][0])
@@ -209,6 +211,10 @@ def _stopped_then_resumed(tmp_path, env, reference, pod: Pod, signalled_at: floa
           f"step {before}'s log line, the run stopped after step {step}, whose loss was logged {pod.step_at[step] - signalled_at:.2f} s "
           f"after the signal; median step {statistics.median(b - a for a, b in zip(pod.step_at.values(), list(pod.step_at.values())[1:])):.2f} s")
     assert 0 < step < STEPS and C.complete_steps(tmp_path / "checkpoints") == [step]
+    # The bound in steps: the first poll after the signal is at most two past `before`'s log line (the
+    # line is printed as step `before` + 1 is dispatched), one more if this test read the next line
+    # late, and the stop comes LAG polls after it.
+    assert step <= before + 3 + preemption.LAG
     assert "Traceback" not in pod.out(0) + pod.out(1)
     _resumes_exactly(tmp_path, env, reference, step, *extra)
     return step
@@ -235,6 +241,34 @@ def test_sigterm_stops_every_process_at_the_same_step(tmp_path, env, reference, 
     at = pod.signal(signalled)
     step = _stopped_then_resumed(tmp_path, env, reference, pod, at, f"SIGTERM to {signalled}")
     assert step >= 6
+
+
+def test_sigint_to_one_process_stops_the_pod_and_a_second_one_aborts_it(tmp_path, env, reference):
+    """Ctrl-C as a user gives it to the command line (its supervising parent passes it on): one
+    SIGINT stops the pod like SIGTERM; a second one, before the agreed stop, ends every process at
+    once with status 130 and no save, each naming the process; the run resumes from its last
+    periodic checkpoint."""
+    pod = Pod(tmp_path / "once", env)
+    pod.wait_for(r"step +6 \| loss")
+    at = pod.signal((1,), signal.SIGINT)
+    step = _stopped_then_resumed(tmp_path / "once", env, reference, pod, at, "SIGINT to process 1", sig="SIGINT")
+    assert step >= 6
+
+    pod = Pod(tmp_path / "twice", env, "ckpt_every=4")
+    pod.wait_for(r"step +5 \| loss")
+    pod.signal((1,), signal.SIGINT)
+    pod.wait_for("SIGINT received", 1)  # (two signals before its handler runs would count as one)
+    at = pod.signal((1,), signal.SIGINT)
+    ended = pod.finish()
+    print(f"\ntwo SIGINTs to process 1: second signal to exit {ended[0][1] - at:.2f} s (process 0), {ended[1][1] - at:.2f} s (process 1)")
+    assert [code for code, _ in ended] == [130, 130], pod.out(0)[-3000:] + pod.out(1)[-3000:]
+    assert all(t - at < 10 for _, t in ended)
+    assert _errors(pod.out(0)) == ["error: process 1 failed: aborted by a second SIGINT, without saving"], pod.out(0)[-3000:]
+    assert _errors(pod.out(1)) == ["error: process 1: aborted by a second SIGINT, without saving"], pod.out(1)[-3000:]
+    assert "stopped by" not in pod.out(0) and "Traceback" not in pod.out(0) + pod.out(1)
+    newest = C.complete_steps(tmp_path / "twice" / "checkpoints")[-1]
+    assert newest == 4, pod.out(0)[-3000:]
+    _resumes_exactly(tmp_path / "twice", env, reference, newest, "ckpt_every=4")
 
 
 def test_sigterm_during_a_validation_cuts_it_short(tmp_path, env, reference):

@@ -308,17 +308,25 @@ class Checkpointer:
 
     def abort(self) -> None:
         """The run ends with an error: on one process, wait for the save in flight (it may still
-        complete); on several, give this process's part up at once, so that no process waits
-        for it (the others learn of the error from `gpt2_jax.train.pod`)."""
+        complete); on several, give this process's part up at once if it is still being written,
+        so that no process waits for it (the others learn of the error from `gpt2_jax.train.pod`),
+        and post its outcome if it is done (a written part does not fail the save)."""
         if self._pod is None or self._pending is None:
             self.wait()
             return
         self._pending = None
-        self._pod.fail_early("the run ended with an error")
-        try:
+        if self._mgr.is_saving_in_progress():
+            self._pod.post_part("the run ended with an error")
+            try:
+                self._mgr.wait_until_finished()
+            except Exception:  # the save was abandoned; the run's error is what is reported
+                pass
+            return
+        try:  # this process's part is done: its outcome is what the others learn
             self._mgr.wait_until_finished()
-        except Exception:  # the save was abandoned; the run's error is what is reported
-            pass
+            self._pod.post_part(None)
+        except Exception as e:
+            self._pod.post_part(one_line(e))
 
     def save(
         self,
@@ -366,7 +374,7 @@ class Checkpointer:
             self._mgr.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # directory creation or the synchronous copy failed
             if self._pod is not None:  # the others may wait for it in a collective: the run ends
-                self._pod.fail_early(one_line(e))
+                self._pod.post_part(one_line(e))
                 raise CheckpointError(
                     f"process {jax.process_index()}: checkpoint for step {step} could not be started: {one_line(e)}"
                 ) from e

@@ -68,9 +68,11 @@ class SaveAgreement:
                 raise TimeoutError(f"{_missing(came, self._n)} did not finish writing within {timeout_ms / 1000:.0f} s")
             time.sleep(POLL_S)
 
-    def fail_early(self, why: str) -> None:
-        """Post at once that this process's part failed (the others' barriers give up)."""
-        self._post("outcome", why)
+    def post_part(self, why: str | None) -> None:
+        """Post this process's outcome without waiting for the others': `why` its part failed (the
+        others' barriers give up), or None when it was written (a process that ends with an
+        error after its part of a save was written does not fail that save)."""
+        self._post("outcome", why or "")
 
     def settle(self, why: str | None) -> str | None:
         """Post this process's outcome (`why` it failed, None if its part was written or it gave
