@@ -70,11 +70,11 @@ print("PLAN " + json.dumps({"grad_accum": plan.tcfg.grad_accum, "remat": plan.mc
 """
 
 
-# About three minutes together (medium compiled several times per case): in `make test-slow`, so that
-# `make test` stays under 15 minutes on two cores.
+# About three minutes a case (medium compiled several times): in `make test-slow`, so that `make test`
+# stays under 15 minutes on two cores. Two cases cover both device counts and both memory sizes (the
+# two others of the grid took six more minutes of the slow suite).
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 8])
-@pytest.mark.parametrize("gib", [16, 80])
+@pytest.mark.parametrize("devices, gib", [(1, 16), (8, 80)])
 def test_make_train_medium_fits_the_device_it_is_started_on(devices, gib, shared_data):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "GPT2_JAX_DATA_DIR": str(shared_data)}

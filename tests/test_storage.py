@@ -119,6 +119,7 @@ TRAIN = ["tiny", "n_layer=1", "n_embd=32", "n_head=2", "seq_len=16", "batch_size
          "eval_batches=1", "sample_tokens=2", "log_every=1", "ckpt_every=2", "ckpt_async=false"]
 
 
+@pytest.mark.slow  # three training runs (about a minute): `make test` stays under 15 minutes
 def test_training_run_round_trip_on_a_bucket(gcs, tmp_path, shared_data, monkeypatch, capsys):
     """Everything of a run lives in the bucket; a second start resumes from it; the run loads as a model."""
     monkeypatch.setenv("GPT2_JAX_DATA_DIR", str(shared_data))
