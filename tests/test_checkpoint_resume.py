@@ -1,7 +1,7 @@
-"""End to end through `python -m gpt2_jax.train`: exact resume after SIGKILL and SIGTERM, and the
+"""End to end through `python -m gpt2_jax.train`: exact resume after SIGTERM, and the
 fault cases (killed during an async save, a truncated newest checkpoint, a read-only checkpoint
 folder). Every case ends with a run that reaches step 40 with the losses and final params of an
-uninterrupted run, bit for bit."""
+uninterrupted run, bit for bit. A SIGKILL between steps is tests/test_faults.py's mid-step case."""
 
 import os
 import re
@@ -98,16 +98,6 @@ def assert_same_as_reference(run_dir, reference, first_step):
     params = W.load(run_dir)[1]
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)):
         assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
-
-
-def test_exact_resume_after_sigkill(tmp_path, env, reference):
-    code, out = run(tmp_path, env, kill_when=after(tmp_path, 20, 25))
-    assert code == -signal.SIGKILL, out
-    assert C.complete_steps(tmp_path / "checkpoints") == [10, 20]
-    code, out = run(tmp_path, env)
-    assert code == 0, out
-    assert "resumed from checkpoint step 20" in out
-    assert_same_as_reference(tmp_path, reference, 21)
 
 
 def test_exact_resume_after_sigterm(tmp_path, env, reference):

@@ -3,8 +3,8 @@
 Each case ends either with a run whose per-step losses and final parameters equal an uninterrupted
 run's bit for bit, or with a refusal that changed nothing on disk. Faults are injected by running the
 trainer from a small script that first wraps one function so that it SIGKILLs its own process at the
-chosen point. tests/test_checkpoint_resume.py holds the other cases of the matrix (SIGKILL between
-steps, SIGTERM, a stuck async save, a truncated newest checkpoint, a read-only checkpoints folder).
+chosen point. tests/test_checkpoint_resume.py holds the other cases of the matrix (SIGTERM, a stuck async save,
+a truncated newest checkpoint, a read-only checkpoints folder).
 """
 
 from __future__ import annotations
