@@ -1,6 +1,6 @@
 """The pod fault matrix: the trainer as 2 processes x 2 CPU devices (gloo), a fault on some of them.
 
-SIGTERM to all, to one, and to one during a validation, HellaSwag scoring or sampling: every process stops
+SIGTERM to all, to one, and to one during validation, HellaSwag or sampling: every process stops
 after the same step, one checkpoint of that step is saved, every process exits 0, process 0 prints
 the stop line. A hang on one process: the watchdog ends every process with its stacks log. SIGKILL
 of a worker or of process 0 (with its supervising parent, as when a machine goes): the other ends

@@ -435,10 +435,8 @@ class Generator:
                 out, lens = _generate_jit(*args, **kw)
             else:
                 params, _, lengths_B, *drawn = args  # drawn: seed, temperature, top_p
-                carry = run_in_chunks(
-                    lambda: _start_jit(*args, **kw), lambda c, t_end: _decode_jit(params, c, lengths_B, *drawn, t_end, **kw),
-                    n, chunk or CHUNK, between,
-                )
+                decode = lambda carry, t_end: _decode_jit(params, carry, lengths_B, *drawn, t_end, **kw)
+                carry = run_in_chunks(lambda: _start_jit(*args, **kw), decode, n, chunk or CHUNK, between)
                 out, lens = carry.out_BN, carry.lengths_B
             out, lens = np.asarray(out), np.asarray(lens)  # waits, so every callback has run
         return GenerationResult(out, lens)
