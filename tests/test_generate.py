@@ -277,6 +277,90 @@ def test_each_generator_streams_to_its_own_call(hf_pair):
 
 
 # --------------------------------------------------------------------------------------------
+# Generation in chunks (cut short between them)
+
+
+@pytest.mark.parametrize(
+    "kw, starts",
+    [
+        (dict(greedy=True), range(16)),
+        (dict(greedy=True), range(7)),  # every row stops by token 7: the later chunks do nothing
+        (dict(top_k=4, temperature=0.7), range(16)),
+    ],
+    ids=["greedy", "greedy-all-stop", "top_k"],
+)
+def test_chunks_give_the_single_loop_tokens(kw, starts):
+    """Decoded 1, 3, 12 or 25 tokens per call (`run_in_chunks`), the decode loop draws the single
+    loop's tokens and lengths bit for bit, rows that stop early (on eot or a stop id) included."""
+    n, B = 12, len(starts)
+    base = jnp.log(jnp.roll(jnp.asarray(BASE_PROBS, jnp.float32), 1))  # greedy walks +1 a step
+
+    def step_fn(state, tok_B1, pos_B1):
+        return jax.vmap(lambda t: jnp.roll(base, t))(tok_B1[:, 0]), state
+
+    first = jax.vmap(lambda s: jnp.roll(base, s))(jnp.asarray(starts))  # first tokens start + 1 (greedy)
+    s = SamplingConfig(max_new_tokens=n, eot_id=7, stop_ids=(4,), **kw)
+    sampling = dict(max_new_tokens=n, greedy=s.greedy, top_k=s.top_k, use_top_p=s.top_p < 1, temperature=s.temperature,
+                    top_p=s.top_p, eot_id=s.eot_id, stop_ids=s.stop_ids)
+    zeros_B, key = jnp.zeros((B,), jnp.int32), jax.random.key(3)
+    tokens, lengths = jax.jit(lambda k: generate.decode_loop(step_fn, jnp.zeros(()), first, zeros_B, k, **sampling))(key)
+    assert (lengths < n).any() and ((lengths == n).any() or len(starts) == 7), lengths
+
+    begin = jax.jit(lambda k: generate.decoder(step_fn, zeros_B, k, **sampling)[0](jnp.zeros(()), first))
+    run = jax.jit(lambda c, k, t_end: generate.decoder(step_fn, zeros_B, k, **sampling)[1](c, t_end), donate_argnums=0)
+    for chunk in (1, 3, n, 25):
+        calls = []
+        carry = generate.run_in_chunks(lambda: begin(key), lambda c, t_end: run(c, key, t_end), n, chunk, lambda: calls.append(1))
+        np.testing.assert_array_equal(carry.out_BN, tokens)
+        np.testing.assert_array_equal(carry.lengths_B, lengths)
+        assert len(calls) == -(-(n - 1) // chunk)  # before each chunk, however early the rows stopped
+
+
+@pytest.fixture(scope="module")
+def tiny_generator():
+    cfg = config.get_model_config("tiny", n_ctx=32, n_embd=24, n_head=3, n_layer=1, vocab_size=61)
+    return Generator(cfg, model.init_params(cfg, jax.random.key(1)))
+
+
+def test_a_generator_in_chunks(tiny_generator, compiles):
+    """In chunks, a generation compiles two programs (prefill and the first token; a chunk) whatever
+    the chunk size, has the single program's tokens and streams each in order. An exception from
+    `between` (its 2nd call) ends the generation and reaches the caller; the Generator stays usable."""
+    gen, s = tiny_generator, SamplingConfig(max_new_tokens=8, top_k=5, temperature=0.8, eot_id=None)
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    single = gen.generate_tokens(prompts, s, seed=2)
+    for chunk, expect_compiles in ((3, 2), (1, 0), (8, 0)):
+        seen = []
+        with compiles:
+            res = gen.generate_tokens(prompts, s, seed=2, chunk=chunk, on_tokens=lambda t, tok, act: seen.append((t, tok.tolist())))
+        assert compiles.count == expect_compiles, chunk
+        np.testing.assert_array_equal(res.tokens, single.tokens)
+        np.testing.assert_array_equal(res.lengths, single.lengths)
+        assert seen == [(t, single.tokens[:, t].tolist()) for t in range(8)]
+
+    class Stop(Exception):
+        pass
+
+    calls, seen = [], []
+
+    def between():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        gen.generate_tokens(prompts, s, seed=2, chunk=3, between=between, on_tokens=lambda t, *_: seen.append(t))
+    assert len(calls) == 2 and seen == [0, 1, 2, 3] and gen._stream.sink is None  # the first token, then one chunk
+    with compiles:
+        res = gen.generate_tokens(prompts, s, seed=2, chunk=3, between=lambda: None, on_tokens=lambda *_: None)
+        np.testing.assert_array_equal(res.tokens, single.tokens)
+        np.testing.assert_array_equal(gen.generate_tokens(prompts, s, seed=2).tokens, single.tokens)
+    assert compiles.count == 0
+    with pytest.raises(GenerationError, match="chunk must be a positive"):
+        gen.generate_tokens(prompts, s, chunk=0)
+
+
+# --------------------------------------------------------------------------------------------
 # Bad input and the command line
 
 

@@ -1,6 +1,6 @@
 """The pod fault matrix: the trainer as 2 processes x 2 CPU devices (gloo), a fault on some of them.
 
-SIGTERM to all, to one, and to one during a validation or HellaSwag scoring: every process stops
+SIGTERM to all, to one, and to one during validation, HellaSwag or sampling: every process stops
 after the same step, one checkpoint of that step is saved, every process exits 0, process 0 prints
 the stop line. A hang on one process: the watchdog ends every process with its stacks log. SIGKILL
 of a worker or of process 0 (with its supervising parent, as when a machine goes): the other ends
@@ -73,6 +73,23 @@ def slow_dispatch(self, *args, **kwargs):
     time.sleep(0.5)
     return dispatch(self, *args, **kwargs)
 Scorer._dispatch = slow_dispatch
+"""
+
+# Sampling in chunks of 8 tokens, 0.5 s before each (process 0 says when its second chunk starts).
+SLOW_SAMPLING = """
+import time
+import jax
+from gpt2_jax.generate import Generator
+generate_tokens, calls = Generator.generate_tokens, []
+def slow_generate_tokens(self, *args, between=None, **kwargs):
+    def slow_between():
+        calls.append(1)
+        if len(calls) == 2 and jax.process_index() == 0:
+            print("SLOW SAMPLING", flush=True)
+        time.sleep(0.5)
+        between()
+    return generate_tokens(self, *args, between=slow_between if between else None, chunk=8, **kwargs)
+Generator.generate_tokens = slow_generate_tokens
 """
 
 # Process 1 stops in its training loop after step 6 (its main thread sleeps).
@@ -297,6 +314,17 @@ def test_sigterm_during_hellaswag_scoring_cuts_it_short(tmp_path, env, reference
     at = pod.signal((0,))
     step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 0 during HellaSwag scoring", *extra)
     assert step == 8 and "SIGTERM: HellaSwag scoring cut short" in pod.out(0), pod.out(0)[-3000:]
+
+
+def test_sigterm_during_sampling_cuts_it_short(tmp_path, env, reference):
+    """SIGTERM to process 1 while every process samples 255 tokens (32 chunks of 8, 0.5 s a chunk):
+    the sampling ends at the same chunk everywhere, no sample is written, and the step is saved."""
+    extra = ("sample_every=8", "sample_tokens=255")
+    pod = Pod(tmp_path, env, *extra, code=SLOW_SAMPLING + MAIN)
+    pod.wait_for("SLOW SAMPLING")
+    at = pod.signal((1,))
+    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 1 during sampling", *extra)
+    assert step == 8 and "SIGTERM: sampling cut short" in pod.out(0) and "| sample:" not in pod.out(0), pod.out(0)[-3000:]
 
 
 def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env, reference):

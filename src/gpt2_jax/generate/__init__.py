@@ -6,6 +6,10 @@ fixed-size buffer of `bucket + max_new_tokens` slots. Prefill, sampling and the 
 (`lax.while_loop`) are one jitted function, so a generation compiles once per (batch size, bucket,
 max_new_tokens, sampling mode) and never per token. Streaming goes through an ordered
 `io_callback` from inside that loop, so it does not split the generation into several calls.
+A caller that must be able to stop a generation part-way (a training run's sample, when a pod
+agrees to stop) asks for it in chunks: prefill and the first token as one program, then a decode
+program called once per chunk of tokens with a host callback between calls; both programs compile
+once and the tokens are the same.
 The model's prefill and decode steps are pure functions of `gpt2_jax.step`; the paper's generation
 tasks (prompts, postprocessing, metrics) are `gpt2_jax.generate.tasks`.
 
@@ -20,7 +24,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -187,10 +191,19 @@ class TokenStream:
             self.sink = None
 
 
-def decode_loop(
+class Carry(NamedTuple):
+    """The decode loop's state between steps: `t` is the next token's index, `tok_B` the last tokens."""
+
+    t: jax.Array
+    tok_B: jax.Array
+    out_BN: jax.Array
+    lengths_B: jax.Array
+    done_B: jax.Array
+    state: Any
+
+
+def decoder(
     step_fn: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]],
-    state: Any,
-    logits_BV: jax.Array,
     positions_B: jax.Array,
     key: jax.Array,
     *,
@@ -203,16 +216,14 @@ def decode_loop(
     eot_id: int | None,
     stream: Callable[[Any, jax.Array, jax.Array], None] | None = None,
     stop_ids: tuple[int, ...] = (),
-) -> tuple[jax.Array, jax.Array]:
-    """Sample up to `max_new_tokens` tokens per row with a `lax.while_loop` (call under jit).
+) -> tuple[Callable[[Any, jax.Array], Carry], Callable[[Carry, Any], Carry]]:
+    """The two parts of `decode_loop` (call under jit): `start(state, logits_BV)` samples and emits
+    the first token; `run(carry, t_end)` decodes until token `t_end` (or until every row stopped).
 
-    step_fn(state, tokens_B1, positions_B1) -> (next logits [B, V], state) is the model with its
-    cache (or a fake in tests); `logits_BV` are the logits after the prompt; `positions_B` the
-    position of the first new token. A row that emits `eot_id` (or one of `stop_ids`) stops; its
-    later slots hold eot_id. `stream(t, tokens_B, active_B)`, when given, is called on the host with
-    each step's tokens, in order. Returns (tokens [B, max_new_tokens], lengths [B]).
+    The loop may be run in one piece, `run(start(...), max_new_tokens)`, or in several calls, each
+    its own program with `t_end` traced (so one compilation serves them all): the tokens are the
+    same, as token t's key is `fold_in(key, t)` whichever call draws it.
     """
-    B = logits_BV.shape[0]
     pad = eot_id if eot_id is not None else 0
     stops = tuple(stop_ids) + ((eot_id,) if eot_id is not None else ())
     sample = functools.partial(
@@ -228,24 +239,48 @@ def decode_loop(
             io_callback(stream, None, t, tok_B, active_B & ~stop_B, ordered=True)
         return out_BN, lengths_B, done_B | stop_B
 
-    out_BN = jnp.full((B, max_new_tokens), pad, jnp.int32)
-    tok_B = sample(logits_BV, jax.random.fold_in(key, 0))
-    out_BN, lengths_B, done_B = emit(0, tok_B, jnp.zeros((B,), bool), out_BN, jnp.zeros((B,), jnp.int32))
+    def start(state, logits_BV) -> Carry:
+        B = logits_BV.shape[0]
+        out_BN = jnp.full((B, max_new_tokens), pad, jnp.int32)
+        tok_B = sample(logits_BV, jax.random.fold_in(key, 0))
+        out_BN, lengths_B, done_B = emit(0, tok_B, jnp.zeros((B,), bool), out_BN, jnp.zeros((B,), jnp.int32))
+        return Carry(jnp.array(1, jnp.int32), tok_B, out_BN, lengths_B, done_B, state)
 
-    def cond(carry):
-        t, _, _, _, done_B, _ = carry
-        return (t < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(carry):
+    def body(carry: Carry) -> Carry:
         t, tok_B, out_BN, lengths_B, done_B, state = carry
         logits_BV, state = step_fn(state, tok_B[:, None], (positions_B + t - 1)[:, None])
         tok_B = sample(logits_BV, jax.random.fold_in(key, t))
         out_BN, lengths_B, done_B = emit(t, tok_B, done_B, out_BN, lengths_B)
-        return t + 1, tok_B, out_BN, lengths_B, done_B, state
+        return Carry(t + 1, tok_B, out_BN, lengths_B, done_B, state)
 
-    carry = (jnp.array(1, jnp.int32), tok_B, out_BN, lengths_B, done_B, state)
-    _, _, out_BN, lengths_B, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out_BN, lengths_B
+    def run(carry: Carry, t_end) -> Carry:
+        return jax.lax.while_loop(lambda c: (c.t < t_end) & ~jnp.all(c.done_B), body, carry)
+
+    return start, run
+
+
+def decode_loop(
+    step_fn: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]],
+    state: Any,
+    logits_BV: jax.Array,
+    positions_B: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    **sampling: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample up to `max_new_tokens` tokens per row with a `lax.while_loop` (call under jit).
+
+    step_fn(state, tokens_B1, positions_B1) -> (next logits [B, V], state) is the model with its
+    cache (or a fake in tests); `logits_BV` are the logits after the prompt; `positions_B` the
+    position of the first new token; `sampling` the rest of `decoder`'s settings. A row that emits
+    `eot_id` (or one of `stop_ids`) stops; its later slots hold eot_id. `stream(t, tokens_B,
+    active_B)`, when given, is called on the host with each step's tokens, in order. Returns
+    (tokens [B, max_new_tokens], lengths [B]).
+    """
+    start, run = decoder(step_fn, positions_B, key, max_new_tokens=max_new_tokens, **sampling)
+    carry = run(start(state, logits_BV), max_new_tokens)
+    return carry.out_BN, carry.lengths_B
 
 
 def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -258,27 +293,54 @@ def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0) -> 
     return tokens, lengths
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "rules", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream", "stop_ids"),
-)
-def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, cfg, rules, max_new_tokens, greedy, top_k,
-                  use_top_p, eot_id, stream, stop_ids=()):
-    # The logical rules are a static argument: they shape the traced program (Flax reads them from a
-    # context variable that jit's cache would not see).
+# The settings that shape a generation's programs: static arguments of each. The logical rules are
+# one (they shape the traced program; Flax reads them from a context variable that jit's cache
+# would not see).
+_STATIC = ("cfg", "rules", "max_new_tokens", "greedy", "top_k", "use_top_p", "eot_id", "stream", "stop_ids")
+
+
+def _model_decoder(params, lengths_B, seed, temperature, top_p, *, cfg, max_new_tokens, **sampling):
+    """`decoder` on the model and its cache (call under jit, inside the logical rules), its start
+    preceded by the prefill: (begin(tokens_BP) -> carry, run(carry, t_end) -> carry)."""
+
+    def step(cache, tok_B1, pos_B1):
+        logits, cache = decode_step(cfg, params, cache, tok_B1, pos_B1)
+        return logits[:, -1], cache
+
+    start, run = decoder(step, lengths_B, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, **sampling)
+
+    def begin(tokens_BP) -> Carry:
+        logits_BV, cache, _, _ = prefill(cfg, params, tokens_BP, lengths_B, tokens_BP.shape[1] + max_new_tokens)
+        return start(cache, logits_BV)
+
+    return begin, run
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, rules, max_new_tokens, **kw):
+    """The whole generation, prefill and every new token, as one program: (tokens, lengths)."""
     with nn.logical_axis_rules(rules):
-        P = tokens_BP.shape[1]
-        logits_BV, cache, _, _ = prefill(cfg, params, tokens_BP, lengths_B, P + max_new_tokens)
+        begin, run = _model_decoder(params, lengths_B, seed, temperature, top_p, max_new_tokens=max_new_tokens, **kw)
+        carry = run(begin(tokens_BP), max_new_tokens)
+        return carry.out_BN, carry.lengths_B
 
-        def step(cache, tok_B1, pos_B1):
-            logits, cache = decode_step(cfg, params, cache, tok_B1, pos_B1)
-            return logits[:, -1], cache
 
-        return decode_loop(
-            step, cache, logits_BV, lengths_B, jax.random.key(seed),
-            max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
-            temperature=temperature, top_p=top_p, eot_id=eot_id, stream=stream, stop_ids=stop_ids,
-        )
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _start_jit(params, tokens_BP, lengths_B, seed, temperature, top_p, *, rules, **kw) -> Carry:
+    """A generation in chunks, its first program: prefill and the first token."""
+    with nn.logical_axis_rules(rules):
+        begin, _ = _model_decoder(params, lengths_B, seed, temperature, top_p, **kw)
+        return begin(tokens_BP)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames="carry")
+def _decode_jit(params, carry, lengths_B, seed, temperature, top_p, t_end, *, rules, **kw) -> Carry:
+    """A generation in chunks, its next chunk: the tokens up to `t_end` (traced: one compilation for
+    every chunk). The carry, cache included, is donated: each chunk updates it in place."""
+    with nn.logical_axis_rules(rules):
+        _, run = _model_decoder(params, lengths_B, seed, temperature, top_p, **kw)
+        return run(carry, t_end)
 
 
 def prompt_bucket(length: int, n_ctx: int, max_new_tokens: int) -> int:
@@ -318,6 +380,9 @@ def fit_prompts(
     return out
 
 
+CHUNK = 32  # new tokens per program call when a generation is decoded in chunks
+
+
 class Generator:
     """A model ready to sample: params placed once (like training's; by default FSDP over this
     process's devices), compiled functions reused."""
@@ -336,13 +401,23 @@ class Generator:
         seed: int = 0,
         truncate: str = "error",
         on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+        between: Callable[[], None] | None = None,
+        chunk: int | None = None,
     ) -> GenerationResult:
         """Continue a batch of token-id prompts.
 
         on_tokens(step, tokens_B, active_B) is called from inside the decode loop as each token is
         produced (active_B is False for rows that have stopped); one streaming call at a time.
+
+        With `between` or `chunk`, the new tokens are decoded `chunk` at a time (default CHUNK), one
+        call of a compiled program each, and `between()` is called on the host before each call,
+        once the previous one has finished; it may raise to abandon the generation (a training
+        run's agreed stop: the calls are the same on every process). The tokens are those of the
+        single program that runs otherwise.
         """
         cfg, n = self.config, sampling.max_new_tokens
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise GenerationError(f"chunk must be a positive number of tokens, got {chunk!r}")
         prompts = fit_prompts(prompts, cfg, n, truncate)
         bucket = prompt_bucket(max(len(p) for p in prompts), cfg.n_ctx, n)
         tokens, lengths = left_pad(prompts, bucket)
@@ -356,7 +431,13 @@ class Generator:
                   stream=self._stream if on_tokens is not None else None,
                   stop_ids=tuple(sorted({t for t in sampling.stop_ids if t < cfg.vocab_size})))
         with self._stream.sending_to(on_tokens), jax.set_mesh(self.placement.mesh):
-            out, lens = _generate_jit(*args, **kw)
+            if between is None and chunk is None:
+                out, lens = _generate_jit(*args, **kw)
+            else:
+                params, _, lengths_B, *drawn = args  # drawn: seed, temperature, top_p
+                decode = lambda carry, t_end: _decode_jit(params, carry, lengths_B, *drawn, t_end, **kw)
+                carry = run_in_chunks(lambda: _start_jit(*args, **kw), decode, n, chunk or CHUNK, between)
+                out, lens = carry.out_BN, carry.lengths_B
             out, lens = np.asarray(out), np.asarray(lens)  # waits, so every callback has run
         return GenerationResult(out, lens)
 
@@ -366,6 +447,23 @@ class Generator:
         enc = get_tokenizer()
         result = self.generate_tokens([encode_prompt(p) for p in prompts], sampling, seed=seed, truncate=truncate)
         return [enc.decode(row) for row in result.rows()]
+
+
+def run_in_chunks(
+    begin: Callable[[], Carry], run: Callable[[Carry, np.ndarray], Carry], max_new_tokens: int, chunk: int,
+    between: Callable[[], None] | None = None,
+) -> Carry:
+    """The decode loop in calls of `chunk` tokens: `begin()`'s carry (the first token) advanced by
+    `run(carry, t_end)` until `max_new_tokens`, `between()` before each call once the previous one
+    has finished. The number of calls depends on the settings only (never on the rows that stopped),
+    so every process of a pod calls `between` alike."""
+    carry = begin()
+    for t_end in range(1 + chunk, max_new_tokens + chunk, chunk):
+        if between is not None:
+            jax.block_until_ready(carry)  # `between` runs between chunks, not while they are queued
+            between()
+        carry = run(carry, np.int32(min(t_end, max_new_tokens)))
+    return carry
 
 
 def encode_prompt(text: str) -> list[int]:

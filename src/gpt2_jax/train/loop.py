@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -158,14 +158,17 @@ def validation_loss(eval_step, params, batches, mesh) -> float:
     return loss_sum / max(weight, 1.0)
 
 
-def sample_text(mcfg: ModelConfig, params, place: sharding.Placement, tcfg: TrainConfig, seed: int) -> str:
+def sample_text(mcfg: ModelConfig, params, place: sharding.Placement, tcfg: TrainConfig, seed: int,
+                between: Callable[[], None] | None = None) -> str:
     """`tcfg.sample_prompt` (empty: <|endoftext|>) continued by `tcfg.sample_tokens` tokens, with
-    generation's KV-cached decode on the training placement (top-k 1 is greedy)."""
+    generation's KV-cached decode on the training placement (top-k 1 is greedy). With `between`,
+    the tokens are decoded in chunks and `between()` is called before each (it may raise to cut
+    the sampling short)."""
     tok = get_tokenizer()
     n_new = min(tcfg.sample_tokens, mcfg.n_ctx - 1)
     ids = tok.encode_ordinary(tcfg.sample_prompt) if tcfg.sample_prompt else [tok.eot_token]
     sampling = SamplingConfig(max_new_tokens=n_new, greedy=tcfg.top_k == 1, top_k=0 if tcfg.top_k == 1 else tcfg.top_k, eot_id=None)
-    result = Generator(mcfg, params, place).generate_tokens([ids], sampling, seed=seed, truncate="left")
+    result = Generator(mcfg, params, place).generate_tokens([ids], sampling, seed=seed, truncate="left", between=between)
     return tcfg.sample_prompt + tok.decode(result.rows()[0])
 
 
@@ -183,8 +186,8 @@ class PeriodicWork:
 
     They share the run's metrics writer, console and `Progress`; each takes (finished steps, state).
     The watchdog does not count periodic work. On several processes, a stop agreed during a
-    validation or HellaSwag scoring cuts it short (the same batch everywhere), and what is left of
-    the step's periodic work is skipped for the save.
+    validation, HellaSwag scoring or sampling cuts it short (at the same batch or chunk of tokens
+    everywhere), and what is left of the step's periodic work is skipped for the save.
     """
 
     def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, watchdog, eval_step, val_batches, train_batches, write,
@@ -261,7 +264,8 @@ class PeriodicWork:
         self.write(f"step {done:>6} | hellaswag ({len(self.hellaswag)} items) " + " | ".join(f"{k} {v:.2f}%" for k, v in result["metrics"].items()))
 
     def sample(self, done: int, state) -> None:
-        text = self.progress.final["sample"] = sample_text(self.mcfg, state.params, self.place, self.tcfg, self.tcfg.seed + done)
+        between = self.guard.cut if self.guard.pod is not None else None  # a pod's agreed stop may fall inside
+        text = self.progress.final["sample"] = sample_text(self.mcfg, state.params, self.place, self.tcfg, self.tcfg.seed + done, between)
         self.writer.text(done, "sample", text)
         self.write(f"step {done:>6} | sample:\n{text}\n")
 
