@@ -12,9 +12,6 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "warmdown")
-
 # Peak learning rates. The GPT-2 paper did not publish its own; these are the GPT-3 paper's
 # (Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1) for the models of about
 # the same size: GPT-3 Small 125M 6.0e-4, Medium 350M 3.0e-4, Large 760M 2.5e-4, XL 1.3B 2.0e-4.
@@ -118,10 +115,9 @@ def warmdown_schedule(peak_lr: float, warmup_steps: int, total_steps: int, warmd
 # -4.7750, 2.0315), run in bfloat16 on X / (||X||_F + 1e-7), on X^T when X has more rows than
 # columns, the result scaled by max(1, fan_out / fan_in) ** 0.5 (modded-nanogpt's train_gpt.py
 # and KellerJordan/Muon).
-MUON_LR = 0.02
+# TrainConfig's muon_* settings, schedule=warmdown and warmdown_frac hold the rest as defaults.
 MUON_MOMENTUM = 0.95
 MUON_ADAM_LR = 0.0036
-MUON_WARMDOWN_FRAC = 1450 / 5100
 NS_STEPS = 5
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -229,11 +225,15 @@ def orthogonalize(steps: int = NS_STEPS, dtype: Any = jnp.bfloat16) -> optax.Gra
             # all-gather or reduction of an m x n or m x m array (15 collectives per matrix instead
             # of one gather of the normalized, compute-dtype matrix), and the row-split X X^T needs
             # all of X anyway. The price is that every device repeats all the iterations: for `small`
-            # 1.6 TFLOP per step, about 0.4% of a 524,288-token step's FLOPs on one device and 3.3%
-            # per device on 8 (docs/benchmarks.md); spreading the matrices over the devices (an
-            # all-to-all each way, as modded-nanogpt's distributed Muon) is the step beyond that.
-            m = nn.with_logical_constraint(m, (None,) * m.ndim)
-            o = newton_schulz(m, steps, dtype)
+            # 1.63 TFLOP per step (costs.newton_schulz_flops), 0.36% of a 524,288-token step's
+            # FLOPs, 2.9% of each device's share on 8 devices (docs/benchmarks.md); spreading the
+            # matrices over the devices (an all-to-all each way, as modded-nanogpt's distributed
+            # Muon) is the step beyond that when many devices share a model.
+            # Both ends are pinned: with the input alone, XLA propagates the parameter's sharding
+            # back from the result into the iteration and runs it split after all (measured: 12x
+            # the all-gather bytes of this layout for `small` under fsdp).
+            whole = (None,) * m.ndim
+            o = nn.with_logical_constraint(newton_schulz(nn.with_logical_constraint(m, whole), steps, dtype), whole)
             scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
             return from_matrices(o.astype(jnp.float32) * scale, layout, u.shape).astype(u.dtype)
 

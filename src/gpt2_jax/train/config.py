@@ -18,10 +18,9 @@ from typing import Any
 import jax
 
 from gpt2_jax.config import (
-    DTYPES, PROBABILITY, SIZES, STRATEGIES, ConfigError, ModelConfig, Range, check_fields, get_model_config, managed_fields,
+    DTYPES, OPTIMIZERS, PROBABILITY, SCHEDULES, SIZES, STRATEGIES, ConfigError, ModelConfig, Range, check_fields, get_model_config, managed_fields,
     replace, setting,
 )
-from gpt2_jax.optim import OPTIMIZERS, SCHEDULES
 
 # The source checkout when gpt2_jax runs from one (src/ or an editable install); installed from a
 # wheel, it is a folder above site-packages that holds no experiments/.
@@ -52,7 +51,7 @@ class TrainConfig:
     schedule: str = "auto"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
-    warmdown_frac: float = 1450 / 5100  # modded-nanogpt's records: 1,450 of 5,100 steps
+    warmdown_frac: float = 0.2843  # modded-nanogpt's records: 1,450 of 5,100 steps
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
