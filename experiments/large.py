@@ -18,6 +18,7 @@ CONFIG = {
     "batch_size": 512,
     "grad_accum": "auto",  # the smallest whose compiled step fits the device (gpt2_jax.train.plan)
     "steps": 29500,
+    "optimizer": "adamw",  # or muon: Muon (muon_* settings) for the blocks' matrices, AdamW (lr) for the rest
     "warmup_steps": 715,
     "dropout": 0.0,
     "mesh": "1,-1,1",

@@ -21,6 +21,7 @@ CONFIG = {
     "grad_accum": "auto",  # the smallest whose compiled step fits the device (gpt2_jax.train.plan)
     "remat_policy": "auto",  # the lightest that fits at that grad_accum
     "steps": 19073,
+    "optimizer": "adamw",  # or muon: Muon (muon_* settings) for the blocks' matrices, AdamW (lr) for the rest
     "lr": 6e-4,
     "warmup_steps": 715,
     "min_lr_ratio": 0.1,

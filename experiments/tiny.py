@@ -14,6 +14,7 @@ CONFIG = {
     "grad_accum": "auto",  # the smallest whose compiled step fits the device (gpt2_jax.train.plan)
     "remat_policy": "auto",  # the lightest that fits at that grad_accum
     "steps": 250,
+    "optimizer": "adamw",  # or muon: Muon (muon_* settings) for the blocks' matrices, AdamW (lr) for the rest
     "lr": 1e-3,
     "warmup_steps": 20,
     "dropout": 0.0,  # pretraining without dropout, as nanoGPT does

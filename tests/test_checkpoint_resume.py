@@ -3,6 +3,7 @@ fault cases (killed during an async save, a truncated newest checkpoint, a read-
 folder). Every case ends with a run that reaches step 40 with the losses and final params of an
 uninterrupted run, bit for bit. A SIGKILL between steps is tests/test_faults.py's mid-step case."""
 
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ ARGS = [
     "tiny", "n_layer=2", "n_embd=64", "n_head=4", "seq_len=32", "batch_size=4", "steps=40", "dropout=0.1",
     "eval_every=0", "eval_batches=1", "sample_tokens=1", "log_every=1", "ckpt_every=10", "mesh=1,1,1",
 ]
+MUON = ["optimizer=muon"]
 STEP_LINE = re.compile(r"^step\s+(\d+) \| loss")
 
 # Blocks Orbax's final rename of step 30, so that a SIGKILL lands in the middle of that async save.
@@ -53,13 +55,13 @@ def env(tmp_path_factory, shared_data):
     }
 
 
-def run(run_dir, env, *, kill_when=None, sig=signal.SIGKILL, code=None):
-    """Run the trainer; with `kill_when(line)`, send `sig` at the first output line it accepts.
+def run(run_dir, env, *, kill_when=None, sig=signal.SIGKILL, code=None, extra=()):
+    """Run the trainer (ARGS and `extra`); with `kill_when(line)`, send `sig` at the first output line it accepts.
 
     Returns (exit code, output)."""
     cmd = [sys.executable, "-m", "gpt2_jax.train"] if code is None else [sys.executable, "-c", code]
     proc = subprocess.Popen(
-        cmd + ARGS + [f"run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        cmd + ARGS + [*extra, f"run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     out = []
     for line in proc.stdout:
@@ -85,6 +87,15 @@ def reference(tmp_path_factory, env):
     """Run A: 40 steps straight."""
     run_dir = tmp_path_factory.mktemp("A")
     code, out = run(run_dir, env)
+    assert code == 0, out
+    return losses(run_dir), W.load(run_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def muon_reference(tmp_path_factory, env):
+    """Run A with optimizer=muon."""
+    run_dir = tmp_path_factory.mktemp("A-muon")
+    code, out = run(run_dir, env, extra=MUON)
     assert code == 0, out
     return losses(run_dir), W.load(run_dir)[1]
 
@@ -156,3 +167,30 @@ def test_read_only_checkpoint_folder(tmp_path, env, reference):
     assert code == 0, out
     assert "resumed from checkpoint step 20" in out
     assert_same_as_reference(tmp_path, reference, 21)
+
+
+def test_muon_exact_resume_after_sigkill_refusal_and_export(tmp_path, env, muon_reference):
+    """optimizer=muon: SIGKILL, resume bit for bit (the momentum restored in its parameter's
+    shape); a resume with another optimizer is refused in one line; the weights export to HF."""
+    from gpt2_jax import convert
+
+    code, out = run(tmp_path, env, kill_when=after(tmp_path, 20, 25), extra=MUON)
+    assert code == -signal.SIGKILL, out
+    code, out = run(tmp_path, env, extra=MUON)
+    assert code == 0, out
+    assert "resumed from checkpoint step 20" in out
+    assert_same_as_reference(tmp_path, muon_reference, 21)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["optimizer"] == "muon"
+
+    code, out = run(tmp_path, env)  # optimizer=adamw (the default)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "optimizer='muon' (now 'adamw')" in errors[0], out
+    assert C.Checkpointer(tmp_path, read_only=True).latest_step() == 40
+
+    proc = subprocess.run([sys.executable, "-m", "gpt2_jax.convert", "to-hf", str(tmp_path), str(tmp_path / "hf")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    cfg, params = W.load(tmp_path)
+    hf_cfg, hf_params = convert.load_hf(tmp_path / "hf")
+    assert (hf_cfg.n_layer, hf_cfg.n_embd, hf_cfg.n_head) == (cfg.n_layer, cfg.n_embd, cfg.n_head)
+    jax.tree.map(np.testing.assert_array_equal, hf_params, params)

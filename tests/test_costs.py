@@ -339,3 +339,19 @@ def test_fsdp_tp_flops_with_heads_the_tensor_axis_does_not_divide():
     c = compile_step("fsdp_tp", "none", cfg_overrides=dict(n_head=5, n_embd=320))
     ratio = hlo.hlo_cost(c["text"])["flops"] * len(jax.devices()) / analytic(c["cfg"])
     assert ratio <= 1.05, f"compiled / analytic FLOPs = {ratio:.3f}"
+
+
+def test_newton_schulz_flops():
+    """The analytic count against XLA's: the matmuls of `optim.newton_schulz` on a batch of tall
+    matrices (iterated on their transpose), and the figure docs/benchmarks.md quotes for `small`."""
+    import jax.numpy as jnp
+
+    m, n, batch, steps = 24, 56, 3, 5
+    g = jax.ShapeDtypeStruct((batch, n, m), jnp.float32)
+    text = jax.jit(lambda x: optim.newton_schulz(x, steps, jnp.float32)).lower(g).compile().as_text()
+    assert hlo.hlo_cost(text)["dot_flops"] == batch * steps * (4 * m * m * n + 2 * m ** 3)
+    small = get_model_config("small", pad_vocab_multiple=128)
+    ns = costs.newton_schulz_flops(small, 5)
+    assert ns == 1_630_745_395_200  # 12 layers x 5 steps x (4 x 6 x 768^3 + 2 x (4 x 768^2 x 3072 + 2 x 768^3))
+    share = ns / (costs.flops_per_token(small, 1024) * 524_288)
+    assert f"{100 * share:.2f}% {800 * share:.1f}%" == "0.36% 2.9%"

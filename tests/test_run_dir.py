@@ -39,6 +39,27 @@ def test_incompatible_checkpoint_is_refused_and_nothing_changes(tmp_path):
     assert _snapshot(tmp_path) == before and ck.steps() == [2, 4]
 
 
+def test_resume_with_another_optimizer_is_refused_in_one_line(tmp_path):
+    """A checkpoint of a Muon run, resumed with optimizer=adamw: one line naming the setting, from the
+    saved config before any array is read (the restore target here even fits), nothing changed."""
+    from gpt2_jax.config import ConfigError
+    from gpt2_jax.train import config as train_config, loop
+
+    with C.Checkpointer(tmp_path, C.CheckpointOptions(keep=10, keep_best=0)) as ck:
+        config = {"model": CFG.to_dict(), "train": {"optimizer": "muon", "seed": 0}}
+        assert ck.save(2, make_state(steps=2), data_state={"step": 2}, config=config, metrics={"loss": 1.0})
+    before = _snapshot(tmp_path)
+    tcfg = train_config.TrainConfig(optimizer="adamw")
+    assert loop.resume_differences(config, tcfg, CFG) == ["optimizer='muon' (now 'adamw')"]
+    assert loop.resume_differences(config, train_config.TrainConfig(optimizer="muon"), CFG) == []
+    ck = C.Checkpointer(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        loop.resume(tcfg, CFG, ck, C.abstract_like(make_state()), None, print)
+    ck.close()
+    assert "optimizer='muon' (now 'adamw')" in str(e.value) and "\n" not in str(e.value)
+    assert _snapshot(tmp_path) == before
+
+
 def test_structure_differences_name_missing_extra_and_reshaped_leaves():
     items = {"params": {"a": make_state().params["wte"], "b": make_state().params["wpe"]}}
     desc = C.describe({"params": {"a": items["params"]["a"], "c": items["params"]["b"][:3]}})

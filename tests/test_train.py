@@ -179,6 +179,19 @@ def test_help_lists_the_model_keys_and_attention(capsys):
         train_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "attention ('auto')" in out and "auto, xla, cudnn, splash" in out and "remat_policy ('none')" in out
+    assert "optimizer ('adamw')" in out and "schedule ('auto')" in out and "muon_lr (0.02)" in out and "muon_ns_steps (5)" in out
+
+
+def test_optimizer_settings_are_checked():
+    tcfg, _ = train.resolve_config({"size": "tiny", "optimizer": "muon", "muon_lr": "0.05"})
+    assert (tcfg.optimizer, tcfg.muon_lr, tcfg.muon_momentum, tcfg.schedule) == ("muon", 0.05, 0.95, "auto")
+    assert round(tcfg.warmdown_frac * 5100) == 1450
+    with pytest.raises(ConfigError, match="unknown optimizer 'sgd'; valid: adamw, muon"):
+        train.resolve_config({"optimizer": "sgd"})
+    with pytest.raises(ConfigError, match="unknown schedule 'linear'; valid: auto, cosine, warmdown"):
+        train.resolve_config({"schedule": "linear"})
+    with pytest.raises(ConfigError, match="muon_momentum must be a number in"):
+        train.resolve_config({"muon_momentum": 1.5})
 
 
 def _tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:

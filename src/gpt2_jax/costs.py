@@ -47,3 +47,21 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int) -> float:
     """
     n = mcfg.n_params - (mcfg.padded_vocab_size - mcfg.vocab_size) * mcfg.n_embd - mcfg.n_ctx * mcfg.n_embd
     return 6.0 * n + 12.0 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
+
+
+def newton_schulz_flops(mcfg: ModelConfig, ns_steps: int = 5) -> float:
+    """Matmul FLOPs of Muon's Newton-Schulz iterations in one optimizer step, on one copy of the
+    hidden matrices (gpt2_jax.optim.HIDDEN_MATRICES: per layer q, k, v and the attention's c_proj,
+    D x D, and the MLP's c_fc and c_proj, D x 4D).
+
+    For X of m x n with m <= n (the iteration runs on the wider orientation) each step computes
+    A = X X^T (2m^2 n), A A (2m^3) and (bA + cA^2) X (2m^2 n): 4m^2 n + 2m^3; the elementwise work
+    (O(mn)) is left out.
+    """
+    def per_step(rows: int, cols: int) -> float:
+        m, n = min(rows, cols), max(rows, cols)
+        return 4.0 * m * m * n + 2.0 * m ** 3
+
+    d, f = mcfg.n_embd, mcfg.n_inner
+    per_layer = 4 * per_step(d, d) + per_step(d, f) + per_step(f, d)
+    return ns_steps * mcfg.n_layer * per_layer

@@ -168,12 +168,16 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules) -> Any:
 
 
 def opt_state_shardings(tx, abstract_opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
-    """Optimizer moments take their parameter's sharding; counters and the like are replicated."""
+    """Optimizer moments take their parameter's sharding; counters and the like are replicated.
+
+    A moment that one part of an `optax.partition` keeps only for its own parameters holds
+    `optax.MaskedNode`s (no arrays) in the others' places; those stay as they are.
+    """
     import optax
 
     return optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda x, s: x if isinstance(x, optax.MaskedNode) else s,
         abstract_opt_state,
         params_shardings,
         transform_non_params=lambda _: NamedSharding(mesh, P()),

@@ -22,6 +22,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # Sharding strategies (their rules are `gpt2_jax.sharding.logical_rules`): data parallel, FSDP, and
 # FSDP with tensor parallelism.
 STRATEGIES = ("dp", "fsdp", "fsdp_tp")
+# Optimizers and learning-rate schedule shapes (gpt2_jax.optim; TrainConfig's optimizer= and schedule=).
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "warmdown")
 
 
 class ConfigError(ValueError):

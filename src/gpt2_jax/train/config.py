@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from gpt2_jax.config import (
-    DTYPES, PROBABILITY, SIZES, STRATEGIES, ConfigError, ModelConfig, Range, check_fields, get_model_config, managed_fields,
+    DTYPES, OPTIMIZERS, PROBABILITY, SCHEDULES, SIZES, STRATEGIES, ConfigError, ModelConfig, Range, check_fields, get_model_config, managed_fields,
     replace, setting,
 )
 
@@ -39,14 +39,33 @@ class TrainConfig:
     # micro-batches per step (batch_size / grad_accum run at once); 0 or auto = chosen from memory
     grad_accum: int = setting(0, None, auto=0)
     steps: int = 300
-    lr: float = 0.0  # peak learning rate; 0 = the size's default (optim.PEAK_LR)
+    # adamw, or muon: Newton-Schulz-orthogonalized momentum (the muon_* settings) for the blocks'
+    # weight matrices and AdamW (lr, b1, b2, eps, weight_decay by name) for wte, wpe, biases and
+    # LayerNorms (gpt2_jax.optim). A resume keeps it: the optimizer state would not fit.
+    optimizer: str = setting("adamw", None, resume_keeps=True)
+    # peak learning rate of AdamW; 0 = the default: the size's (optim.PEAK_LR), under muon
+    # optim.MUON_ADAM_LR (0.0036, modded-nanogpt's Adam rate for the tied embedding/head)
+    lr: float = 0.0
+    # cosine (warmup, cosine decay to min_lr_ratio) or warmdown (warmup, constant, linear decay to 0
+    # over the last warmdown_frac of the steps); auto = cosine for adamw, warmdown for muon
+    schedule: str = "auto"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    warmdown_frac: float = 0.2843  # modded-nanogpt's records: 1,450 of 5,100 steps
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # Muon (optimizer=muon), defaults from modded-nanogpt's records with a tied embedding/head
+    # (records/102924_Optimizers: lr 0.02, momentum 0.95, Nesterov, no weight decay; 5 Newton-Schulz
+    # steps): peak learning rate of the hidden matrices (on the same schedule as lr), momentum,
+    # Nesterov momentum, Newton-Schulz steps, decoupled weight decay of the hidden matrices.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_weight_decay: float = 0.0
     dropout: float = 0.0  # embedding, attention and residual dropout (nanoGPT pretrains with 0)
     compute_dtype: str = "auto"  # auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
     device_memory_gib: float = 0.0  # memory of one device for grad_accum/remat_policy=auto; 0 = what the device reports
@@ -96,6 +115,10 @@ class TrainConfig:
             raise ConfigError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
         if self.compute_dtype not in ("auto",) + DTYPES:
             raise ConfigError(f"unknown compute_dtype {self.compute_dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in ("auto",) + SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; valid: auto, {', '.join(SCHEDULES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if self.grad_accum and self.batch_size % self.grad_accum:
@@ -108,6 +131,8 @@ TRAIN_RANGES = {
     "seq_len": Range(0, 1 << 20), "batch_size": Range(1, 1 << 24), "grad_accum": Range(0, 1 << 24), "steps": _COUNT,
     "device_memory_gib": Range(0.0, 1 << 20),
     "lr": Range(0.0, math.inf), "warmup_steps": _PERIOD, "min_lr_ratio": Range(0.0, 1.0), "weight_decay": Range(0.0, 10.0),
+    "warmdown_frac": Range(0.0, 1.0), "muon_lr": Range(0.0, math.inf), "muon_momentum": PROBABILITY,
+    "muon_ns_steps": Range(1, 100), "muon_weight_decay": Range(0.0, 10.0),
     "b1": PROBABILITY, "b2": PROBABILITY, "eps": Range(0.0, 1.0, low_open=True), "grad_clip": Range(0.0, 1e9),
     "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "sample_every": _PERIOD,
     "hellaswag_every": _PERIOD, "hellaswag_limit": _PERIOD,

@@ -95,11 +95,37 @@ def smallest_fitting(ks: list[int], fits: Callable[[int], bool], start: int = 0)
     return ks[lo] if fits(ks[lo]) else None
 
 
+def make_optimizer(tcfg: TrainConfig, mcfg: ModelConfig) -> tuple[Any, Any]:
+    """(the schedule of AdamW's learning rate, which the metrics report; the optimizer) of a run.
+
+    Under muon the hidden matrices follow the same schedule shape at their own peak, `muon_lr`,
+    and the Newton-Schulz iteration runs in the model's compute dtype (bfloat16 on GPU/TPU, as
+    the records do; float32 on CPU, where XLA's bfloat16 matmuls are slow).
+    """
+    muon = tcfg.optimizer == "muon"
+    kind = tcfg.schedule if tcfg.schedule != "auto" else "warmdown" if muon else "cosine"
+
+    def shaped(peak: float):
+        if kind == "warmdown":
+            return optim.warmdown_schedule(peak, tcfg.warmup_steps, tcfg.steps, tcfg.warmdown_frac)
+        return optim.lr_schedule(peak, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+
+    schedule = shaped(tcfg.lr or (optim.MUON_ADAM_LR if muon else optim.PEAK_LR[tcfg.size]))
+    if not muon:
+        return schedule, optim.make_optimizer(
+            schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip
+        )
+    return schedule, optim.make_muon_optimizer(
+        shaped(tcfg.muon_lr), schedule, momentum=tcfg.muon_momentum, nesterov=tcfg.muon_nesterov,
+        ns_steps=tcfg.muon_ns_steps, ns_dtype=jnp.dtype(mcfg.dtype), muon_weight_decay=tcfg.muon_weight_decay,
+        b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip,
+    )
+
+
 def make_plan(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> Plan:
     """Placement, optimizer, abstract state, and the compiled step with grad_accum and remat resolved."""
     place = sharding.placement(mcfg, tcfg.mesh, tcfg.strategy)
-    schedule = optim.lr_schedule(tcfg.lr or optim.PEAK_LR[tcfg.size], tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
-    tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
+    schedule, tx = make_optimizer(tcfg, mcfg)
     if tcfg.grad_accum:
         sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, place.mesh)
         if (tcfg.batch_size // tcfg.grad_accum) % jax.process_count():
