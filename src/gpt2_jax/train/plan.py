@@ -95,11 +95,17 @@ def smallest_fitting(ks: list[int], fits: Callable[[int], bool], start: int = 0)
     return ks[lo] if fits(ks[lo]) else None
 
 
+def optimizer(tcfg: TrainConfig) -> tuple[Any, Any]:
+    """(learning-rate schedule, AdamW) of a run."""
+    schedule = optim.lr_schedule(tcfg.lr or optim.PEAK_LR[tcfg.size], tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+    return schedule, optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay,
+                                          grad_clip=tcfg.grad_clip)
+
+
 def make_plan(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> Plan:
     """Placement, optimizer, abstract state, and the compiled step with grad_accum and remat resolved."""
     place = sharding.placement(mcfg, tcfg.mesh, tcfg.strategy)
-    schedule = optim.lr_schedule(tcfg.lr or optim.PEAK_LR[tcfg.size], tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
-    tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay, grad_clip=tcfg.grad_clip)
+    schedule, tx = optimizer(tcfg)
     if tcfg.grad_accum:
         sharding.check_batch(tcfg.batch_size, tcfg.grad_accum, place.mesh)
         if (tcfg.batch_size // tcfg.grad_accum) % jax.process_count():
