@@ -9,6 +9,7 @@ train step is also compiled by XLA:TPU for a slice of two hosts."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import jax
 import pytest
@@ -148,3 +149,22 @@ def test_xla_tpu_compiles_the_train_step_for_a_slice_of_two_hosts():
     m = lowered.compile().memory_analysis()
     assert m.alias_size_in_bytes > 0.9 * m.argument_size_in_bytes  # the state (nearly all of the arguments) is donated
     assert m.argument_size_in_bytes + m.temp_size_in_bytes < V5E_8.generation.hbm_gib * 2**30
+
+
+def test_dry_run_for_a_tpu_prints_the_exported_programs(capsys):
+    from gpt2_jax.train.cli import main
+
+    assert main(["small", "--dry-run", "--tpu", "v5e-8", "mesh=1,4,2", "strategy=fsdp_tp"]) == 0
+    out = capsys.readouterr().out
+    assert "attention: splash (auto on TPU v5 lite, bfloat16); decoding: xla" in out
+    assert "backward splash_mha_dkv_no_residuals x1, splash_mha_dq_no_residuals x1" in out
+    assert "donated state aliased: 52 of 52 arrays" in out
+    assert re.search(r"\['h'\]\['mlp'\]\['c_fc'\]\['kernel'\] +\[12, 768, 3072\] +float32 +\[-,fsdp,tensor\]", out), out
+    assert "FLOPs per step (analytic 6N + 12LHQT, costs.flops_per_token): 448.4 TFLOP" in out
+    if importlib.util.find_spec("libtpu") is None:
+        assert "XLA:TPU's own figures need libtpu" in out
+    for argv, error in [(["small", "--tpu", "v5e-8"], "give it with --dry-run"), (["small", "--dry-run", "--tpu", "v9-8"], "unknown TPU 'v9-8'"),
+                        (["small", "--dry-run", "--tpu", "v4-6"], "v4-N counts TensorCores")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert error in err and len(err.strip().splitlines()) == 1, err
