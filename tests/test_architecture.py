@@ -139,7 +139,7 @@ LAYERS = (
                    "gpt2_jax.finetune", "gpt2_jax.harness", "gpt2_jax.harness.adapter", "gpt2_jax.plot")),
     # The compiled-program analysis (HLO reading, collective theory), outside the library's own
     # graph: only the dry run (train.plan), the benchmarks and the tests use it.
-    ("analysis", ("gpt2_jax.hlo", "gpt2_jax.hlo.theory")),
+    ("analysis", ("gpt2_jax.hlo", "gpt2_jax.hlo.theory", "gpt2_jax.hlo.target")),
     ("engines", ("gpt2_jax.eval.scoring", "gpt2_jax.generate", "gpt2_jax.eval.tasks", "gpt2_jax.eval.*")),
     ("model access", ("gpt2_jax.weights", "gpt2_jax.convert")),
     ("state", ("gpt2_jax.checkpoint", "gpt2_jax.checkpoint.items", "gpt2_jax.checkpoint.agreement", "gpt2_jax.run_dir", "gpt2_jax.metrics")),

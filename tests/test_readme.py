@@ -31,6 +31,7 @@ COVERAGE = {
                                                                "tests/test_sharding.py::test_mesh_matches_one_device"],
     "make train SIZE=medium ARGS=--dry-run": ["tests/test_plan.py::test_make_train_medium_fits_the_device_it_is_started_on",
                                               "tests/test_plan.py::test_dry_run_prints_the_plan_and_writes_nothing"],
+    "python -m gpt2_jax.train medium --dry-run --tpu v5e-8": ["tests/test_tpu_export.py::test_dry_run_for_a_tpu_prints_the_exported_programs"],
     "python -m gpt2_jax.convert inspect path/to/gpt2": ["tests/test_convert.py::test_cli_from_hf_to_hf_round_trip"],
     "python -m gpt2_jax.convert from-hf path/to/gpt2 ckpt/gpt2": ["tests/test_convert.py::test_cli_from_hf_to_hf_round_trip"],
     "python -m gpt2_jax.convert to-hf ckpt/gpt2 out/gpt2-hf": ["tests/test_convert.py::test_cli_from_hf_to_hf_round_trip"],

@@ -61,7 +61,8 @@ def _capability(device) -> tuple[int, int] | None:
 def _is_nvidia(device) -> bool:
     if device.platform not in ("gpu", "cuda"):
         return False
-    return "rocm" not in str(getattr(device.client, "platform_version", "")).lower()
+    client = getattr(device, "client", None)  # an abstract device (a mesh's) has none
+    return "rocm" not in str(getattr(client, "platform_version", "")).lower()
 
 
 def _cudnn_problem(config: ModelConfig, device) -> str | None:
@@ -88,13 +89,20 @@ def _splash_problem(config: ModelConfig, device, seq_len: int | None) -> str | N
     return None
 
 
+def target_device():
+    """The device the program being built is for: the current mesh's (an abstract mesh may name a
+    TPU this machine does not have: `gpt2_jax.hlo.target`), else the first device."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device if device is not None else jax.devices()[0]
+
+
 def resolve(config: ModelConfig, device=None, seq_len: int | None = None) -> Choice:
-    """The implementation `config.attention` means on `device` (default: the first device).
+    """The implementation `config.attention` means on `device` (default: `target_device()`).
 
     `auto` takes the platform's kernel when the dtype and shapes allow it and XLA otherwise; an
     explicit kernel that cannot run here is a ConfigError, with the reason.
     """
-    device = device if device is not None else jax.devices()[0]
+    device = device if device is not None else target_device()
     requested = config.attention
     if requested == "xla":
         return Choice("xla", "requested")
@@ -114,7 +122,7 @@ def resolve(config: ModelConfig, device=None, seq_len: int | None = None) -> Cho
 def select(config: ModelConfig, seq_len: int, *, decode: bool, dropout: bool) -> str:
     """The implementation of one attention call, chosen while tracing.
 
-    Decoding and attention dropout always use XLA; `auto` is resolved against the default device;
+    Decoding and attention dropout always use XLA; `auto` is resolved against `target_device()`;
     a kernel that the call's shapes do not fit (splash with T not a multiple of 128, e.g. a short
     evaluation window) falls back to XLA for that call only.
     """
@@ -182,15 +190,17 @@ def causal_attention(q_BTNH, k_BTNH, v_BTNH, impl: str, *, logical_axes=None):
     """Causal softmax(q k^T / sqrt(H)) v with implementation `impl` (xla, cudnn or splash).
 
     Under a mesh, a kernel runs per device on the rows and heads that `logical_axes` (the
-    activations' logical names, [batch, seq, heads, kv]) give it. Off TPU, splash runs in Pallas
-    interpret mode (slow; used to test it on CPU).
+    activations' logical names, [batch, seq, heads, kv]) give it. Splash is lowered as the Mosaic
+    kernel when the program is for a TPU (`target_device()`: this machine's, or an abstract mesh's
+    when exporting for a TPU from elsewhere) and in Pallas interpret mode otherwise (slow; used to
+    test it on CPU).
     """
     if impl == "xla":
         return xla_attention(q_BTNH, k_BTNH, v_BTNH)
     if impl == "cudnn":
         local = _cudnn_local
     elif impl == "splash":
-        local = functools.partial(_splash_local, interpret=jax.default_backend() != "tpu")
+        local = functools.partial(_splash_local, interpret=target_device().platform != "tpu")
     else:
         raise ValueError(f"unknown attention implementation {impl!r}; valid: {', '.join(ATTENTION_IMPLS[1:])}")
     spec = None if logical_axes is None else _local_spec(q_BTNH.shape, logical_axes)

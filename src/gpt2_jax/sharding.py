@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gpt2_jax.config import STRATEGIES
 from gpt2_jax.launch import launched_as_several
@@ -186,16 +186,23 @@ def opt_state_shardings(tx, abstract_opt_state: Any, params_shardings: Any, mesh
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules):
-    """Make `mesh` and the logical `rules` current (the model's activation constraints use both)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+def activate(mesh: Mesh | AbstractMesh, rules):
+    """Make `mesh` and the logical `rules` current (the model's activation constraints use both).
+
+    An AbstractMesh (devices named by kind only, e.g. a TPU slice this machine does not have) can
+    trace and export programs but not run them.
+    """
+    current = jax.sharding.use_abstract_mesh if isinstance(mesh, AbstractMesh) else jax.set_mesh
+    with current(mesh), nn.logical_axis_rules(rules):
         yield
 
 
-def sharded_jit(fn, mesh: Mesh, rules, **jit_kwargs):
+def sharded_jit(fn, mesh: Mesh | AbstractMesh, rules, **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)` that traces and runs with `mesh` and `rules` active.
 
-    The result has the jitted function's `.lower` too (for `memory_analysis()`).
+    The result has the jitted function's `.lower` too (for `memory_analysis()`), and
+    `.export(*args, platforms=...)`: `jax.export.export` of it for those platforms (say, TPU from a
+    machine without one: `gpt2_jax.hlo.target`).
     """
     jitted = jax.jit(fn, **jit_kwargs)
 
@@ -208,7 +215,11 @@ def sharded_jit(fn, mesh: Mesh, rules, **jit_kwargs):
         with activate(mesh, rules):
             return jitted.lower(*args, **kwargs)
 
-    call.lower = lower
+    def export(*args, platforms: Sequence[str], **kwargs):
+        with activate(mesh, rules):
+            return jax.export.export(jitted, platforms=platforms)(*args, **kwargs)
+
+    call.lower, call.export = lower, export
     return call
 
 

@@ -19,11 +19,12 @@ from gpt2_jax.checkpoint import CheckpointError
 from gpt2_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig, parse_overrides
 from gpt2_jax.data import DataError
 from gpt2_jax.errors import one_line
+from gpt2_jax.hlo import target
 from gpt2_jax.sharding import ShardingError
 from gpt2_jax.storage import StorageError
 from gpt2_jax.train.config import MANAGED_MODEL_KEYS, TrainConfig, TrainingError, find_experiment, load_experiment, resolve_config
 from gpt2_jax.run_dir import RunDirInUse
-from gpt2_jax.train import pod, supervisor
+from gpt2_jax.train import plan, pod, supervisor
 from gpt2_jax.train.loop import train
 
 
@@ -62,18 +63,40 @@ def _parser() -> argparse.ArgumentParser:
         help="plan and compile the step, then print the resolved config (grad_accum and remat_policy chosen), the mesh, "
              "the memory per device by kind and the FLOPs against the analytic count; nothing is allocated or written",
     )
+    parser.add_argument(
+        "--tpu", metavar="NAME",
+        help="with --dry-run: export the train, eval and generation programs for the TPU slice NAME (v4-8, v5e-8, v5p-8, "
+             "v6e-16, ...) from this machine and print their kernels, shardings, dtypes and donation, the analytic FLOPs "
+             "per step at the chips' peak, and the memory per chip (XLA:TPU's own figures only with libtpu installed)",
+    )
     return parser
 
 
-def _setup(args) -> tuple[TrainConfig, ModelConfig, Path]:
-    """The resolved configs and the run directory; JAX's processes joined, the mesh checked."""
+def _configs(args) -> tuple[TrainConfig, ModelConfig]:
+    """The experiment's settings with the overrides, resolved."""
     overrides = list(args.overrides)
     if "=" in args.experiment:  # only overrides were given
         overrides.insert(0, args.experiment)
         args.experiment = "tiny"
     settings = load_experiment(find_experiment(args.experiment))
     settings.update(parse_overrides(overrides))
-    tcfg, mcfg = resolve_config(settings)
+    return resolve_config(settings)
+
+
+def _for_tpu(args) -> int:
+    """`--dry-run --tpu NAME`: the report of `gpt2_jax.hlo.target` for that slice."""
+    try:
+        tcfg, mcfg = _configs(args)
+        print(target.report(tcfg, mcfg, target.tpu_slice(args.tpu), *plan.make_optimizer(tcfg, mcfg), tcfg.seq_len or mcfg.n_ctx))
+    except (ConfigError, ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _setup(args) -> tuple[TrainConfig, ModelConfig, Path]:
+    """The resolved configs and the run directory; JAX's processes joined, the mesh checked."""
+    tcfg, mcfg = _configs(args)
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout_s=tcfg.heartbeat_timeout_s)
     mesh = sharding.make_mesh(tcfg.mesh)  # fail fast on a bad mesh or batch
     if tcfg.grad_accum:
@@ -111,6 +134,11 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     so what libraries report while it shuts down goes to the run's library.log too, and a
     multi-process run's trainer runs under `train.supervisor` (which reports a lost host)."""
     args = _parser().parse_intermixed_args(argv)  # flags may come before or after the overrides
+    if args.tpu is not None:
+        if not args.dry_run:
+            print("error: --tpu NAME reports what would run on that TPU; give it with --dry-run", file=sys.stderr)
+            return 2
+        return _for_tpu(args)
     if exiting and supervisor.wanted(sys.argv[1:] if argv is None else argv):  # (`__main__` asks first)
         return supervisor.run([sys.executable, *sys.orig_argv[1:]], args.process_id)
     run_dir = None
