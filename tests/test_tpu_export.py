@@ -114,6 +114,11 @@ def test_generation_decodes_on_the_path_attention_select_names():
     for impl in {attention.select(mcfg, prompt, decode=True, dropout=False), attention.select(mcfg, 1, decode=True, dropout=False)}:
         assert (impl == "splash") == bool(target.splash_kernels(text)[0]), impl
     assert attention.select(mcfg, prompt, decode=True, dropout=False) == "xla"
+    # Decoded in chunks (a training sample on a pod): the same path, the carry (cache included) donated.
+    start, chunk = target.export_generate(mcfg, place, 1, prompt, 32, ("tpu",), chunked=True)
+    assert not target.splash_kernels(start.mlir_module())[0] and not target.kernels(chunk.mlir_module())
+    carry_leaves = len(jax.tree.leaves(chunk.in_avals)) - len(jax.tree.leaves(target._abstract_params(mcfg, place))) - 5
+    assert chunk.mlir_module().count("jax.buffer_donor") == carry_leaves > 0
 
 
 def test_the_gpu_program_exports_with_xla_attention():

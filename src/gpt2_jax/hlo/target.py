@@ -17,6 +17,7 @@ figures are not available here, and the report says so rather than print the CPU
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import math
@@ -29,7 +30,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec as P
 
 from gpt2_jax import attention, costs, memory, sharding, step as step_lib
 from gpt2_jax.config import REMAT_BY_WEIGHT, ConfigError, ModelConfig, replace
-from gpt2_jax.generate import _generate_jit  # the one program `Generator.generate_tokens` runs
+from gpt2_jax.generate import _decode_jit, _generate_jit, _start_jit  # the programs `Generator.generate_tokens` runs
 from gpt2_jax.model import abstract_params
 
 SPLASH_PREFIX = "splash_mha"  # the kernel names of jax's splash attention (Pallas ops)
@@ -153,19 +154,25 @@ def _abstract_params(cfg: ModelConfig, place: sharding.Placement):
                         place.param_shardings(boxed))
 
 
-def export_generate(cfg: ModelConfig, place: sharding.Placement, rows: int, prompt_len: int, max_new_tokens: int, platforms):
+def export_generate(cfg: ModelConfig, place: sharding.Placement, rows: int, prompt_len: int, max_new_tokens: int, platforms,
+                    *, chunked: bool = False):
     """`jax.export` of the program `Generator.generate_tokens` runs (prefill, then the decode loop),
-    greedy, for `rows` prompts padded to `prompt_len`, on `place` as a Generator places them."""
+    greedy, for `rows` prompts padded to `prompt_len`, on `place` as a Generator places them. With
+    `chunked`, the two programs of a generation decoded in chunks (a training sample on a pod):
+    (prefill and the first token, one chunk of the decode loop with its carry donated)."""
     params = _abstract_params(cfg, place)
     row = lambda dtype, *shape: jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=place.row_sharding(rows))  # noqa: E731
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
     rules = place.rules_for_rows(rows)
+    args = (params, row(jnp.int32, prompt_len), row(jnp.int32), scalar(jnp.uint32), scalar(jnp.float32), scalar(jnp.float32))
+    kw = dict(cfg=cfg, rules=rules, max_new_tokens=max_new_tokens, greedy=True, top_k=0, use_top_p=False, eot_id=None,
+              stream=None)
     with sharding.activate(place.mesh, rules):
-        return jax.export.export(_generate_jit, platforms=platforms)(
-            params, row(jnp.int32, prompt_len), row(jnp.int32), scalar(jnp.uint32), scalar(jnp.float32), scalar(jnp.float32),
-            cfg=cfg, rules=rules, max_new_tokens=max_new_tokens, greedy=True, top_k=0, use_top_p=False, eot_id=None,
-            stream=None,
-        )
+        if not chunked:
+            return jax.export.export(_generate_jit, platforms=platforms)(*args, **kw)
+        carry = jax.eval_shape(functools.partial(_start_jit, **kw), *args)
+        return (jax.export.export(_start_jit, platforms=platforms)(*args, **kw),
+                jax.export.export(_decode_jit, platforms=platforms)(params, carry, *args[2:], scalar(jnp.int32), **kw))
 
 
 # ---------------------------------------------------------------------------------------------
