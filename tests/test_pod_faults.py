@@ -288,15 +288,24 @@ def test_sigint_to_one_process_stops_the_pod_and_a_second_one_aborts_it(tmp_path
     _resumes_exactly(tmp_path / "twice", env, reference, newest, "ckpt_every=4")
 
 
-def test_sigterm_during_a_validation_cuts_it_short(tmp_path, env, reference):
-    """The signal reaches process 1 while every process is in a 20-batch validation (1 s a batch):
-    the validation ends at the same batch everywhere, a few batches later, and the step is saved."""
-    extra = ("eval_every=8", "eval_batches=20")
-    pod = Pod(tmp_path, env, *extra, code=SLOW_EVAL + MAIN)
-    pod.wait_for("SLOW EVAL")
+# Periodic work that a stop cuts short, made slow so that the signal (to process 1) lands inside it:
+# a 20-batch validation (1 s a batch), and a 255-token sample (32 chunks of 8, 0.5 s a chunk). It
+# ends at the same batch or chunk everywhere, and the step is saved (a cut sample is not written).
+CUT_SHORT = {
+    "validation": (("eval_every=8", "eval_batches=20"), SLOW_EVAL, "SLOW EVAL", "the validation"),
+    "sampling": (("sample_every=8", "sample_tokens=255"), SLOW_SAMPLING, "SLOW SAMPLING", "sampling"),
+}
+
+
+@pytest.mark.parametrize("work", list(CUT_SHORT))
+def test_sigterm_during_periodic_work_cuts_it_short(tmp_path, env, reference, work):
+    extra, code, started, named = CUT_SHORT[work]
+    pod = Pod(tmp_path, env, *extra, code=code + MAIN)
+    pod.wait_for(started)
     at = pod.signal((1,))
-    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 1 during a validation", *extra)
-    assert step == 8 and "eval" in pod.out(0) and "SIGTERM: the validation cut short" in pod.out(0), pod.out(0)[-3000:]
+    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, f"SIGTERM to process 1 during {named}", *extra)
+    assert step == 8 and f"SIGTERM: {named} cut short" in pod.out(0), pod.out(0)[-3000:]
+    assert work != "sampling" or "| sample:" not in pod.out(0), pod.out(0)[-3000:]
 
 
 def test_sigterm_during_hellaswag_scoring_cuts_it_short(tmp_path, env, reference):
@@ -314,17 +323,6 @@ def test_sigterm_during_hellaswag_scoring_cuts_it_short(tmp_path, env, reference
     at = pod.signal((0,))
     step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 0 during HellaSwag scoring", *extra)
     assert step == 8 and "SIGTERM: HellaSwag scoring cut short" in pod.out(0), pod.out(0)[-3000:]
-
-
-def test_sigterm_during_sampling_cuts_it_short(tmp_path, env, reference):
-    """SIGTERM to process 1 while every process samples 255 tokens (32 chunks of 8, 0.5 s a chunk):
-    the sampling ends at the same chunk everywhere, no sample is written, and the step is saved."""
-    extra = ("sample_every=8", "sample_tokens=255")
-    pod = Pod(tmp_path, env, *extra, code=SLOW_SAMPLING + MAIN)
-    pod.wait_for("SLOW SAMPLING")
-    at = pod.signal((1,))
-    step = _stopped_then_resumed(tmp_path, env, reference, pod, at, "SIGTERM to process 1 during sampling", *extra)
-    assert step == 8 and "SIGTERM: sampling cut short" in pod.out(0) and "| sample:" not in pod.out(0), pod.out(0)[-3000:]
 
 
 def test_a_hang_on_one_process_ends_every_process_with_its_stacks(tmp_path, env, reference):
