@@ -19,7 +19,8 @@ TEST_DEPS := $(VENV)/.test-deps
 # Where data sets are read from when offline (TFDS manual directory); ../shared/data beside the
 # checkout holds the corpora used by CI.
 export GPT2_JAX_DATA_DIR ?= $(abspath ../shared/data)
-PYTEST_ARGS ?=
+# The slowest tests are named at the end of each run (CI's log shows where the time goes).
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: install install-test test test-slow train help
 

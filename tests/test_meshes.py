@@ -86,13 +86,12 @@ def test_no_involuntary_rematerialization(shape, strategy, config_name):
 MUON_MESHES = [((1, 8, 1), "fsdp"), ((1, 4, 2), "fsdp_tp"), ((2, 2, 2), "fsdp_tp")]
 
 
-@pytest.mark.slow  # about 2 minutes per config on 2 cores
-@pytest.mark.parametrize("config_name", sorted(CONFIGS))
-def test_muon_on_every_mesh_matches_one_device(config_name):
+@pytest.mark.slow  # about 2 minutes on 2 cores
+def test_muon_on_every_mesh_matches_one_device():
     """optimizer=muon under fsdp and fsdp_tp: the train step compiles without involuntary
     rematerialization, and 3 steps give the losses and parameters of one device (the scanned
-    config's c_attn is a batch of 6 matrices; the odd one's 5 heads and 101 rows stay unsplit on tensor)."""
-    cfg = CONFIGS[config_name]
+    config: its c_attn is a batch of 6 matrices, its vocabulary sharded)."""
+    cfg = CONFIGS["vocab-sharded"]
     sched = optim.lr_schedule(1e-3, 1, 10)
     tx = optim.make_muon_optimizer(optim.lr_schedule(0.02, 1, 10), sched, ns_dtype=jnp.float32)
     rng = np.random.default_rng(0)
