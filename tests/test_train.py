@@ -180,6 +180,7 @@ def test_help_lists_the_model_keys_and_attention(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "attention ('auto')" in out and "auto, xla, cudnn, splash" in out and "remat_policy ('none')" in out
     assert "optimizer ('adamw')" in out and "schedule ('auto')" in out and "muon_lr (0.02)" in out and "muon_ns_steps (5)" in out
+    assert "warmup_steps (auto)" in out and "weight_decay (auto)" in out and "grad_accum (auto)" in out
 
 
 def test_optimizer_settings_are_checked():
@@ -192,6 +193,28 @@ def test_optimizer_settings_are_checked():
         train.resolve_config({"schedule": "linear"})
     with pytest.raises(ConfigError, match="muon_momentum must be a number in"):
         train.resolve_config({"muon_momentum": 1.5})
+
+
+def test_warmup_and_weight_decay_follow_the_optimizer_unless_set():
+    """warmup_steps and weight_decay left at auto are 20 and 0.1 under adamw (as before Muon), 0 and
+    0 under muon (modded-nanogpt's records); a value that was set is kept under either."""
+    from gpt2_jax.train.plan import make_optimizer
+
+    for optimizer, want in (("adamw", (20, 0.1)), ("muon", (0, 0.0))):
+        tcfg, mcfg = train.resolve_config({"optimizer": optimizer, "steps": 100})
+        assert (tcfg.warmup_steps, tcfg.weight_decay) == (-1, -1.0)
+        resolved = train.optimizer_defaults(tcfg)
+        assert (resolved.warmup_steps, resolved.weight_decay) == want
+        set_, _ = train.resolve_config({"optimizer": optimizer, "warmup_steps": 7, "weight_decay": "0.3"})
+        assert (train.optimizer_defaults(set_).warmup_steps, train.optimizer_defaults(set_).weight_decay) == (7, 0.3)
+        schedule, _ = make_optimizer(tcfg, mcfg)
+        explicit, _ = make_optimizer(train.resolve_config({"optimizer": optimizer, "steps": 100, "warmup_steps": want[0]})[0], mcfg)
+        assert [float(schedule(s)) for s in (0, 5, 19, 20, 99)] == [float(explicit(s)) for s in (0, 5, 19, 20, 99)]
+    assert train.resolve_config({"warmup_steps": "auto", "weight_decay": "AUTO"})[0] == train.TrainConfig()
+    with pytest.raises(ConfigError, match=r"weight_decay must be a number in \[0, 10\], got -0.5"):
+        train.resolve_config({"weight_decay": -0.5})
+    with pytest.raises(ConfigError, match=r"warmup_steps must be an integer in \[0, "):
+        train.resolve_config({"warmup_steps": -2})
 
 
 def _tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:

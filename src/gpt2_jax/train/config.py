@@ -26,6 +26,18 @@ from gpt2_jax.config import (
 # wheel, it is a folder above site-packages that holds no experiments/.
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
+# The value of warmup_steps= and weight_decay= (and `auto` on the command line) that asks for the
+# optimizer's default (`optimizer_defaults`).
+AUTO = -1
+# What warmup_steps and weight_decay (AdamW's part, by name) are when not set, by optimizer:
+#   adamw: 20 warmup steps (the tiny CPU demo's; the GPT-2/GPT-3 experiments set 715), weight decay
+#          0.1 (GPT-3, Brown et al. 2020, appendix B), as before Muon existed.
+#   muon:  no warmup ("Switched from AdamW to new optimizer, and removed learning rate warmup":
+#          KellerJordan/modded-nanogpt's README of its 10/2024 Muon records, 6,200 steps to 3.28) and no
+#          weight decay (the records' `weight_decay : float = 0`, found "empirically optimal" in
+#          records/102924_Optimizers).
+OPTIMIZER_DEFAULTS = {"adamw": {"warmup_steps": 20, "weight_decay": 0.1}, "muon": {"warmup_steps": 0, "weight_decay": 0.0}}
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -49,10 +61,12 @@ class TrainConfig:
     # cosine (warmup, cosine decay to min_lr_ratio) or warmdown (warmup, constant, linear decay to 0
     # over the last warmdown_frac of the steps); auto = cosine for adamw, warmdown for muon
     schedule: str = "auto"
-    warmup_steps: int = 20
+    # warmup_steps and weight_decay (AdamW's, by name: train.config.OPTIMIZER_DEFAULTS): -1 or auto =
+    # the optimizer's default, 20 and 0.1 under adamw, 0 and 0 under muon
+    warmup_steps: int = setting(AUTO, None, auto=AUTO)
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     warmdown_frac: float = 0.2843  # modded-nanogpt's records: 1,450 of 5,100 steps
-    weight_decay: float = 0.1
+    weight_decay: float = setting(float(AUTO), None, auto=float(AUTO))
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -202,8 +216,9 @@ def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
     The model's compute dtype ("auto" still unresolved) and dropout come from the TrainConfig.
     """
     settings = {**settings}
-    if str(settings.get("grad_accum", "")).lower() == "auto":
-        settings["grad_accum"] = 0  # chosen from the compiled step's memory (gpt2_jax.train.plan)
+    for f in dataclasses.fields(TrainConfig):  # grad_accum: chosen from memory (train.plan); the rest: by optimizer
+        if f.metadata.get("auto") is not None and str(settings.get(f.name, "")).lower() == "auto":
+            settings[f.name] = f.metadata["auto"]
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     train_kw, model_kw = {}, {}
@@ -223,6 +238,13 @@ def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
     if tcfg.seq_len > mcfg.n_ctx:
         raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model context n_ctx={mcfg.n_ctx}")
     return tcfg, mcfg
+
+
+def optimizer_defaults(tcfg: TrainConfig) -> TrainConfig:
+    """`tcfg` with warmup_steps and weight_decay left at auto set to its optimizer's defaults
+    (`OPTIMIZER_DEFAULTS`); values that were set are kept."""
+    auto = {k: v for k, v in OPTIMIZER_DEFAULTS[tcfg.optimizer].items() if getattr(tcfg, k) == AUTO}
+    return replace(tcfg, **auto) if auto else tcfg
 
 
 def resolve_dtype(tcfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:
