@@ -140,6 +140,25 @@ def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
     assert "error: loss is nan" in capsys.readouterr().err
 
 
+def test_target_val_loss_stops_saves_and_reports(tmp_path, shared_data, capsys):
+    """A validation loss at or below target_val_loss= ends the run at that step: saved, the tokens and
+    training time printed on one line and recorded in final.json (a tiny run with a generous target)."""
+    run = tmp_path / "run"
+    assert train_main(["tiny", *TINY_RUN, "steps=50", "eval_every=2", "target_val_loss=50", "ckpt_every=0", f"run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    final = json.loads((run / "final.json").read_text())
+    reached = final["target_val_loss"]
+    assert (final["step"], reached["step"], reached["target"], reached["tokens"]) == (2, 2, 50.0, 2 * 8 * 32)
+    assert reached["val_loss"] == final["val_loss"] <= 50 and 0 < reached["train_seconds"] < 60
+    line = next(l for l in out.splitlines() if "target_val_loss=50 reached" in l)
+    assert line.startswith("step      2 |") and "512 tokens" in line and f"{reached['train_seconds']:,.1f} s of training" in line
+    assert "done: target_val_loss=50 reached at step 2" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert max(json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ConfigError, match="target_val_loss=3.28 needs eval_every= > 0"):
+        train.resolve_config({"target_val_loss": 3.28, "eval_every": 0})
+
+
 @pytest.mark.slow
 def test_make_train_reaches_val_loss_6(tmp_path, shared_data):
     """The acceptance command itself: `make train` (tiny on Tiny Shakespeare, CPU), for half of its

@@ -101,6 +101,8 @@ def _report(final: dict, tcfg: TrainConfig, run_dir, argv: list[str] | None) -> 
         )
         return
     summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
+    if "target_val_loss" in final:
+        summary = f"done: target_val_loss={final['target_val_loss']['target']:g} reached at step {final['step']}, loss {final['loss']:.4f}"
     if "val_loss" in final:
         summary += f", val loss {final['val_loss']:.4f}"
     print(summary + f"; run dir {run_dir}")

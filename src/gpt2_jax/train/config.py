@@ -87,6 +87,9 @@ class TrainConfig:
     strategy: str = "fsdp"  # dp | fsdp | fsdp_tp
     eval_every: int = 100  # steps between validation losses (and at the end); 0 = only at the end
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    # Stop once a validation loss is at most this (checked at each evaluation): the step is saved and
+    # the tokens and training time it took are printed and recorded in final.json; 0 = never.
+    target_val_loss: float = 0.0
     # HellaSwag accuracies (gpt2_jax.eval's hellaswag task, on $GPT2_JAX_DATA_DIR/hellaswag/hellaswag_val.jsonl)
     # every hellaswag_every steps and at the end; 0 = never. hellaswag_limit: the first N items; 0 = all.
     hellaswag_every: int = 0
@@ -135,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; valid: auto, {', '.join(SCHEDULES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        if self.target_val_loss and not self.eval_every:
+            raise ConfigError(f"target_val_loss={self.target_val_loss:g} needs eval_every= > 0: a run that validates only at its end cannot stop early")
         if self.grad_accum and self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
@@ -148,7 +153,7 @@ TRAIN_RANGES = {
     "warmdown_frac": Range(0.0, 1.0), "muon_lr": Range(0.0, math.inf), "muon_momentum": PROBABILITY,
     "muon_ns_steps": Range(1, 100), "muon_weight_decay": Range(0.0, 10.0),
     "b1": PROBABILITY, "b2": PROBABILITY, "eps": Range(0.0, 1.0, low_open=True), "grad_clip": Range(0.0, 1e9),
-    "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "sample_every": _PERIOD,
+    "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "target_val_loss": Range(0.0, math.inf), "sample_every": _PERIOD,
     "hellaswag_every": _PERIOD, "hellaswag_limit": _PERIOD,
     "sample_tokens": Range(1, 1 << 20), "top_k": Range(1, 1 << 24), "log_every": _COUNT,
     "seed": Range(0, 2**32 - 1),  # jax.random keys take 32-bit seeds: a larger one would wrap silently
