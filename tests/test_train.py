@@ -54,6 +54,35 @@ def test_small_fineweb_is_the_reproduction_settings():
         assert figure in doc, figure
 
 
+def test_small_speedrun_is_the_speedrun_settings():
+    """experiments/small_speedrun.py (`make train SIZE=small_speedrun`): Muon on FineWeb to 3.28, and
+    the arithmetic of its docstring."""
+    from gpt2_jax import optim
+    from gpt2_jax.train.plan import make_optimizer
+
+    path = train.find_experiment("small_speedrun")
+    tcfg, mcfg = train.resolve_config(train.load_experiment(path))
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    assert (tcfg.size, tcfg.dataset, tcfg.optimizer, tcfg.target_val_loss) == ("small", "fineweb", "muon", 3.28)
+    assert tokens_per_step == 524_288 and tcfg.steps * tokens_per_step == 3_250_585_600
+    resolved = train.optimizer_defaults(tcfg)
+    assert (resolved.warmup_steps, resolved.weight_decay, tcfg.muon_weight_decay, tcfg.muon_lr, tcfg.lr) == (0, 0.0, 0.0, 0.02, 0.0)
+    assert round(tcfg.warmdown_frac * tcfg.steps) == 1800 and tcfg.eval_every == 125 and tcfg.eval_batches == 0
+    muon_schedule = optim.warmdown_schedule(tcfg.muon_lr, 0, tcfg.steps, tcfg.warmdown_frac)
+    assert [float(muon_schedule(s)) for s in (0, 4399, 4400, 6199)] == pytest.approx([0.02, 0.02, 0.02, 0.02 / 1800])
+    adam_schedule, _ = make_optimizer(tcfg, mcfg)  # the embedding's Adam: modded-nanogpt's 0.0036, same shape
+    assert [float(adam_schedule(s)) for s in (0, 4400, 6199)] == pytest.approx([0.0036, 0.0036, 0.0036 / 1800])
+    flops = costs.flops_per_token(mcfg, tcfg.seq_len)
+    assert flops == 855_166_464 and f"{flops * 3_250_585_600:.3g}" == "2.78e+18"
+    seconds = flops * 3_250_585_600 / (0.5 * 989e12)
+    assert (round(seconds), round(seconds / 3600, 2), round(seconds / 8 / 60, 1)) == (5621, 1.56, 11.7)
+    assert round(flops * 6.7e9 / (0.5 * 989e12) / 3600, 1) == 3.2
+    doc = path.read_text()
+    for figure in ("6,200", "3,250,585,600", "524,288", "1,800", "855,166,464", "2.78e18", "989 TFLOP/s", "494.5",
+                   "5,621 s", "1.56 H100-hours", "11.7 minutes", "3.2 H100-hours", "10,485,760", "0.001"):
+        assert figure in doc, figure
+
+
 def test_overrides_are_type_checked():
     tcfg, mcfg = train.resolve_config({"size": "small", "steps": "7", "lr": "3e-4", "n_layer": "2", "dropout": "0.1"})
     assert (tcfg.steps, tcfg.lr, mcfg.n_layer, mcfg.attn_pdrop) == (7, 3e-4, 2, 0.1)
