@@ -141,7 +141,10 @@ def draw_runs(run_dirs: list, labels: list[str] | None = None):
             axes[2].plot(*_series(records, "hellaswag_acc_per_token"), color=color, marker="o", label=name)
         axes[-1].plot(*_series(records, "tokens_per_s"), color=color, label=name)
     axes[0].set(title="validation loss (markers), training loss (thin)", xlabel="step", ylabel="nats/token")
-    axes[1].set(title="learning rate", xlabel="step")
+    lowest = [min(_series(records, "val_loss")[1], default=math.inf) for _, records in runs]
+    if math.isfinite(min(lowest)):  # the first steps' losses (~ln 50,257) would flatten where the runs differ
+        axes[0].set_ylim(min(lowest) - 0.1, max(lowest) + 1.5)
+    axes[1].set(title="learning rate (AdamW's; of Muon runs, their AdamW part)", xlabel="step")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     if hellaswag:
         axes[2].set(title="HellaSwag accuracy, per token (%)", xlabel="step")
