@@ -37,10 +37,11 @@ from gpt2_jax.train.plan import make_plan
 
 # The model: `tiny` (4 layers, context 256) at half its width, 128 wide with 4 heads of 32: 7,259,008
 # parameters, 6,432,896 of them the tied 50,257 x 128 embedding, 786,432 in the blocks' matrices that
-# Muon trains. 16 x 128 = 2,048 tokens per step, about a second per step on 2 cores, so that six runs of
-# 200 steps (1.36 epochs of the training split) and the step timing fit in about half an hour.
+# Muon trains. 8 x 128 = 1,024 tokens per step, under a second per step on 2 cores, so that eight runs
+# of 160 steps (0.54 epochs of the training split) and the step timing fit in about half an hour even
+# when another job shares the cores.
 SETTINGS = {
-    "size": "tiny", "n_embd": 128, "n_head": 4, "dataset": "tiny_shakespeare", "seq_len": 128, "batch_size": 16,
+    "size": "tiny", "n_embd": 128, "n_head": 4, "dataset": "tiny_shakespeare", "seq_len": 128, "batch_size": 8,
     "grad_accum": 1, "remat_policy": "none", "dropout": 0.0, "seed": 0, "eval_batches": 0, "log_every": 1,
     "sample_tokens": 16, "sample_prompt": "ROMEO:", "ckpt_every": 0, "ckpt_keep_best": 0,
 }
@@ -127,12 +128,13 @@ def timed_steps(settings: list[dict], rounds: int, window: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="runs/optimizers", help="where the run directories go")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=20)
-    # A decade each, in steps of ~3x, around each recipe's rate (tiny's 1e-3; modded-nanogpt's 0.02).
-    parser.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    parser.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
-    parser.add_argument("--timing-rounds", type=int, default=4, help="windows per optimizer for the step timing")
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--eval-every", type=int, default=16)
+    # Steps of ~3x around each recipe's rate (tiny's 1e-3; modded-nanogpt's 0.02), wide enough that
+    # each optimizer's best is inside its grid.
+    parser.add_argument("--adamw-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    parser.add_argument("--muon-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1])
+    parser.add_argument("--timing-rounds", type=int, default=3, help="windows per optimizer for the step timing")
     parser.add_argument("--timing-window", type=int, default=8, help="steps per window")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
