@@ -40,6 +40,7 @@ GiB, MiB = 1 << 30, 1 << 20
 
 def measure(size: str, strategy: str, remat: str, optimizer: str = "adamw") -> dict:
     tcfg, mcfg = train.resolve_config({**train.load_experiment(train.find_experiment(size)), "optimizer": optimizer})
+    tcfg = train.optimizer_defaults(tcfg)
     mcfg = replace(mcfg, dtype="bfloat16", remat_policy=remat)
     mesh_shape = MESHES[strategy]
     mesh = sharding.make_mesh(mesh_shape)

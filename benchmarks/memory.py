@@ -26,6 +26,7 @@ GiB = 1 << 30
 
 def measure(size: str, n_devices: int, seqs_per_device: int):
     tcfg, mcfg = train.resolve_config(train.load_experiment(train.find_experiment(size)))
+    tcfg = train.optimizer_defaults(tcfg)
     mcfg = replace(mcfg, dtype="bfloat16")
     mesh = sharding.make_mesh((1, n_devices, 1), jax.devices()[:n_devices])
     rules = sharding.logical_rules("fsdp", mesh, mcfg)

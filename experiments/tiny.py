@@ -16,7 +16,7 @@ CONFIG = {
     "steps": 250,
     "optimizer": "adamw",  # or muon: Muon (muon_* settings) for the blocks' matrices, AdamW (lr) for the rest
     "lr": 1e-3,
-    "warmup_steps": 20,
+    "warmup_steps": "auto",  # the optimizer's: 20 under adamw, none under muon (gpt2_jax.train.config)
     "dropout": 0.0,  # pretraining without dropout, as nanoGPT does
     "mesh": "1,-1,1",
     "strategy": "fsdp",

@@ -92,7 +92,7 @@ def test_tiny_shakespeare_checksum_is_registered():
 
 def test_each_source_is_one_record(tmp_path):
     names = [s.name for s in sources.SOURCES]
-    assert names == ["tiny_shakespeare", "openwebtext", "webtext", "fineweb_edu", "text_files"]
+    assert names == ["tiny_shakespeare", "openwebtext", "webtext", "fineweb_edu", "fineweb", "text_files"]
     assert all(s.builder.name == s.name for s in sources.SOURCES)
     with pytest.raises(DataError) as e:
         prepare("nope", cache_dir=tmp_path)
@@ -227,9 +227,10 @@ def test_openwebtext_layouts_with_held_out_subsets(tmp_path, paragraphs, layout)
         np.testing.assert_array_equal(store_tokens(store, split), encode_docs(expected))
 
 
-def write_fineweb_parquet(path: Path, texts: list, *, row_group_size: int, first_id: int = 0) -> list[str]:
-    """A parquet file in FineWeb-Edu's released schema (`text` a string column, possibly holding
-    invalid UTF-8 as the files could); returns the ids."""
+def write_fineweb_parquet(path: Path, texts: list, *, row_group_size: int, first_id: int = 0, edu: bool = True) -> list[str]:
+    """A parquet file in FineWeb-Edu's released schema, or with `edu=False` FineWeb's (no `score`
+    and `int_score`; a `date`), `text` a string column possibly holding invalid UTF-8 as the files
+    could; returns the ids."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -245,24 +246,27 @@ def write_fineweb_parquet(path: Path, texts: list, *, row_group_size: int, first
         "language": pa.array(["en"] * n, pa.string()),
         "language_score": pa.array([0.97] * n, pa.float64()),
         "token_count": pa.array([len(r) // 4 for r in raw], pa.int64()),
-        "score": pa.array([3.1] * n, pa.float64()),
-        "int_score": pa.array([3] * n, pa.int64()),
     }
+    if edu:
+        columns.update(score=pa.array([3.1] * n, pa.float64()), int_score=pa.array([3] * n, pa.int64()))
+    else:
+        columns["date"] = pa.array(["2024-03-01T12:00:00Z"] * n, pa.string())
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     assert pq.ParquetFile(path).num_row_groups > 1
     return ids
 
 
-def fineweb_corpus(manual: Path, paragraphs):
-    """Two files of sample/10BT with several row groups, a non-UTF-8 row and an empty row; returns
-    [(id, expected text)] of the non-empty documents in file order."""
-    sample = manual / "fineweb_edu" / "sample" / "10BT"
+def fineweb_corpus(manual: Path, paragraphs, name: str = "fineweb_edu"):
+    """Two files of sample/10BT of data set `name` (fineweb_edu or fineweb, in its release's schema)
+    with several row groups, a non-UTF-8 row and an empty row; returns [(id, expected text)] of the
+    non-empty documents in file order."""
+    sample = manual / name / "sample" / "10BT"
     first = paragraphs[:23] + [b"caf\xe9 \xff na\xc3\xafve", ""] + paragraphs[23:30]
     second = paragraphs[30:45]
     docs = []
-    for name, texts, start in (("000_00000.parquet", first, 0), ("001_00000.parquet", second, 100)):
-        ids = write_fineweb_parquet(sample / name, texts, row_group_size=7, first_id=start)
+    for file, texts, start in (("000_00000.parquet", first, 0), ("001_00000.parquet", second, 100)):
+        ids = write_fineweb_parquet(sample / file, texts, row_group_size=7, first_id=start, edu=name == "fineweb_edu")
         docs += [(i, t if isinstance(t, str) else t.decode("utf-8", errors="replace")) for i, t in zip(ids, texts) if t]
     return docs
 
@@ -299,6 +303,23 @@ def test_fineweb_edu_from_parquet_with_held_out_documents(tmp_path, paragraphs, 
     # Another file downloaded later is a new build, not the old one silently reused.
     write_fineweb_parquet(bad.parent / "002_00000.parquet", paragraphs[45:50], row_group_size=2, first_id=200)
     assert load_manifest(prepare("fineweb_edu", workers=1, **kw))["source"]["files"] == 3
+
+
+def test_fineweb_from_parquet_with_held_out_documents(tmp_path, paragraphs):
+    """`fineweb` (FineWeb's sample-10BT, in FineWeb's released schema) is read as fineweb_edu is: the
+    same documents in file order, the same held-out ids, from its own folder."""
+    docs = fineweb_corpus(tmp_path / "data", paragraphs, "fineweb")
+    kw = dict(cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data", validation_fraction=0.3, docs_per_shard=6,
+              progress=False)
+    store = prepare("fineweb", workers=1, **kw)
+    held = [builders.in_validation(i, 0.3) for i, _ in docs]
+    assert 0 < sum(held) < len(docs)
+    for split, want in (("train", False), ("validation", True)):
+        np.testing.assert_array_equal(store_tokens(store, split), encode_docs([t for (_, t), h in zip(docs, held) if h == want]))
+    manifest = load_manifest(store)
+    assert manifest["source"]["url"] == "https://huggingface.co/datasets/HuggingFaceFW/fineweb"
+    assert manifest["source"]["files"] == 2 and manifest["source"]["validation_fraction"] == 0.3
+    assert "fineweb_edu" not in str(store) and not (tmp_path / "data" / "fineweb_edu").exists()
 
 
 # --- bad inputs: one-line errors naming the file; nothing already prepared is lost ------------------
@@ -353,6 +374,9 @@ def test_bad_inputs_give_one_line_errors_and_keep_prepared_data(tmp_path, good_s
     cases.append((["--dataset", "fineweb_edu", "--manual-dir", str(tmp_path / "nowhere")],
                   f"fineweb_edu: no .parquet files in {tmp_path / 'nowhere'}/fineweb_edu/sample/10BT/: download the "
                   "sample/10BT/*.parquet files of HuggingFaceFW/fineweb-edu"))
+    cases.append((["--dataset", "fineweb", "--manual-dir", str(tmp_path / "nowhere")],
+                  f"fineweb: no .parquet files in {tmp_path / 'nowhere'}/fineweb/sample/10BT/: download the "
+                  "sample/10BT/*.parquet files of HuggingFaceFW/fineweb (https://huggingface.co/datasets/HuggingFaceFW/fineweb/"))
     (tmp_path / "fw" / "fineweb_edu" / "sample" / "10BT").mkdir(parents=True)
     (tmp_path / "fw" / "fineweb_edu" / "sample" / "10BT" / "000_00000.parquet").write_bytes(b"PAR1 cut short")
     cases.append((["--dataset", "fineweb_edu", "--manual-dir", str(tmp_path / "fw")],

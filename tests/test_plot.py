@@ -54,6 +54,29 @@ def test_hellaswag_is_a_third_panel(tmp_path):
     assert int.from_bytes(png[16:20], "big") == 2000  # loss, learning rate, HellaSwag, throughput
 
 
+def test_several_runs_in_one_figure(tmp_path, capsys):
+    """`python -m gpt2_jax.plot RUN_A RUN_B --labels ...`: one PNG beside the runs, one legend entry per run."""
+    for name in ("adamw", "muon"):
+        _write_run(tmp_path / name)
+    runs = [str(tmp_path / "adamw"), str(tmp_path / "muon")]
+    proc = subprocess.run([sys.executable, "-m", "gpt2_jax.plot", *runs, "--labels", "AdamW lr 1e-3", "Muon lr 0.02"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'curves.png'} from 2 runs, 12 steps")
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1500
+    assert not (tmp_path / "adamw" / "curves.png").exists()
+    fig = plot.draw_runs(runs)  # default labels: the directories' names
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["adamw", "muon"]
+    (val_a, val_m) = [line for line in fig.axes[0].get_lines() if line.get_marker() == "o"]
+    assert list(val_a.get_xdata()) == [0, 10, 20] and val_a.get_color() != val_m.get_color()
+    assert plot.run_labels(["a/run", "b/run"]) == ["a/run", "b/run"]  # the same name twice: the paths
+    from gpt2_jax.plot.cli import main
+
+    assert main([*runs, "--labels", "one"]) == 1
+    assert capsys.readouterr().err == "error: 1 label(s) for 2 run(s): give one label per run directory\n"
+
+
 def test_the_published_figure_pulls_in_neither_jax_nor_the_evaluation():
     """The plot's HellaSwag reference comes from gpt2_jax.published (numbers only), not from the
     evaluation package and its scorer."""

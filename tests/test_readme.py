@@ -85,6 +85,12 @@ COVERAGE = {
     "make prepare DATASET=fineweb_edu": ["tests/test_data.py::test_fineweb_edu_from_parquet_with_held_out_documents"],
     'make train SIZE=small_fineweb ARGS="run_dir=runs/gpt2-124m"': [
         "tests/test_train.py::test_small_fineweb_is_the_reproduction_settings", "tests/test_train.py::test_hellaswag_during_training"],
+    'hf download HuggingFaceFW/fineweb --repo-type dataset --include "sample/10BT/*" --local-dir $GPT2_JAX_DATA_DIR/fineweb': [
+        "tests/test_data.py::test_fineweb_from_parquet_with_held_out_documents"],
+    "make prepare DATASET=fineweb": ["tests/test_data.py::test_fineweb_from_parquet_with_held_out_documents"],
+    'make train SIZE=small_speedrun ARGS="run_dir=runs/speedrun"': [
+        "tests/test_train.py::test_small_speedrun_is_the_speedrun_settings",
+        "tests/test_train.py::test_target_val_loss_stops_saves_and_reports"],
     "python -m gpt2_jax.plot runs/gpt2-124m": ["tests/test_train.py::test_hellaswag_during_training",
                                                "tests/test_plot.py::test_hellaswag_is_a_third_panel"],
     "python -m gpt2_jax.eval --model runs/gpt2-124m --task hellaswag --compare paper": [

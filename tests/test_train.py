@@ -54,6 +54,35 @@ def test_small_fineweb_is_the_reproduction_settings():
         assert figure in doc, figure
 
 
+def test_small_speedrun_is_the_speedrun_settings():
+    """experiments/small_speedrun.py (`make train SIZE=small_speedrun`): Muon on FineWeb to 3.28, and
+    the arithmetic of its docstring."""
+    from gpt2_jax import optim
+    from gpt2_jax.train.plan import make_optimizer
+
+    path = train.find_experiment("small_speedrun")
+    tcfg, mcfg = train.resolve_config(train.load_experiment(path))
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    assert (tcfg.size, tcfg.dataset, tcfg.optimizer, tcfg.target_val_loss) == ("small", "fineweb", "muon", 3.28)
+    assert tokens_per_step == 524_288 and tcfg.steps * tokens_per_step == 3_250_585_600
+    resolved = train.optimizer_defaults(tcfg)
+    assert (resolved.warmup_steps, resolved.weight_decay, tcfg.muon_weight_decay, tcfg.muon_lr, tcfg.lr) == (0, 0.0, 0.0, 0.02, 0.0)
+    assert round(tcfg.warmdown_frac * tcfg.steps) == 1800 and tcfg.eval_every == 125 and tcfg.eval_batches == 0
+    muon_schedule = optim.warmdown_schedule(tcfg.muon_lr, 0, tcfg.steps, tcfg.warmdown_frac)
+    assert [float(muon_schedule(s)) for s in (0, 4399, 4400, 6199)] == pytest.approx([0.02, 0.02, 0.02, 0.02 / 1800])
+    adam_schedule, _ = make_optimizer(tcfg, mcfg)  # the embedding's Adam: modded-nanogpt's 0.0036, same shape
+    assert [float(adam_schedule(s)) for s in (0, 4400, 6199)] == pytest.approx([0.0036, 0.0036, 0.0036 / 1800])
+    flops = costs.flops_per_token(mcfg, tcfg.seq_len)
+    assert flops == 855_166_464 and f"{flops * 3_250_585_600:.3g}" == "2.78e+18"
+    seconds = flops * 3_250_585_600 / (0.5 * 989e12)
+    assert (round(seconds), round(seconds / 3600, 2), round(seconds / 8 / 60, 1)) == (5621, 1.56, 11.7)
+    assert round(flops * 6.7e9 / (0.5 * 989e12) / 3600, 1) == 3.2
+    doc = path.read_text()
+    for figure in ("6,200", "3,250,585,600", "524,288", "1,800", "855,166,464", "2.78e18", "989 TFLOP/s", "494.5",
+                   "5,621 s", "1.56 H100-hours", "11.7 minutes", "3.2 H100-hours", "10,485,760", "0.001"):
+        assert figure in doc, figure
+
+
 def test_overrides_are_type_checked():
     tcfg, mcfg = train.resolve_config({"size": "small", "steps": "7", "lr": "3e-4", "n_layer": "2", "dropout": "0.1"})
     assert (tcfg.steps, tcfg.lr, mcfg.n_layer, mcfg.attn_pdrop) == (7, 3e-4, 2, 0.1)
@@ -140,6 +169,25 @@ def test_short_run_writes_the_run_directory(tmp_path, shared_data, capsys):
     assert "error: loss is nan" in capsys.readouterr().err
 
 
+def test_target_val_loss_stops_saves_and_reports(tmp_path, shared_data, capsys):
+    """A validation loss at or below target_val_loss= ends the run at that step: saved, the tokens and
+    training time printed on one line and recorded in final.json (a tiny run with a generous target)."""
+    run = tmp_path / "run"
+    assert train_main(["tiny", *TINY_RUN, "steps=50", "eval_every=2", "target_val_loss=50", "ckpt_every=0", f"run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    final = json.loads((run / "final.json").read_text())
+    reached = final["target_val_loss"]
+    assert (final["step"], reached["step"], reached["target"], reached["tokens"]) == (2, 2, 50.0, 2 * 8 * 32)
+    assert reached["val_loss"] == final["val_loss"] <= 50 and 0 < reached["train_seconds"] < 60
+    line = next(l for l in out.splitlines() if "target_val_loss=50 reached" in l)
+    assert line.startswith("step      2 |") and "512 tokens" in line and f"{reached['train_seconds']:,.1f} s of training" in line
+    assert "done: target_val_loss=50 reached at step 2" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert max(json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ConfigError, match="target_val_loss=3.28 needs eval_every= > 0"):
+        train.resolve_config({"target_val_loss": 3.28, "eval_every": 0})
+
+
 @pytest.mark.slow
 def test_make_train_reaches_val_loss_6(tmp_path, shared_data):
     """The acceptance command itself: `make train` (tiny on Tiny Shakespeare, CPU), for half of its
@@ -180,6 +228,7 @@ def test_help_lists_the_model_keys_and_attention(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "attention ('auto')" in out and "auto, xla, cudnn, splash" in out and "remat_policy ('none')" in out
     assert "optimizer ('adamw')" in out and "schedule ('auto')" in out and "muon_lr (0.02)" in out and "muon_ns_steps (5)" in out
+    assert "warmup_steps (auto)" in out and "weight_decay (auto)" in out and "grad_accum (auto)" in out
 
 
 def test_optimizer_settings_are_checked():
@@ -192,6 +241,28 @@ def test_optimizer_settings_are_checked():
         train.resolve_config({"schedule": "linear"})
     with pytest.raises(ConfigError, match="muon_momentum must be a number in"):
         train.resolve_config({"muon_momentum": 1.5})
+
+
+def test_warmup_and_weight_decay_follow_the_optimizer_unless_set():
+    """warmup_steps and weight_decay left at auto are 20 and 0.1 under adamw (as before Muon), 0 and
+    0 under muon (modded-nanogpt's records); a value that was set is kept under either."""
+    from gpt2_jax.train.plan import make_optimizer
+
+    for optimizer, want in (("adamw", (20, 0.1)), ("muon", (0, 0.0))):
+        tcfg, mcfg = train.resolve_config({"optimizer": optimizer, "steps": 100})
+        assert (tcfg.warmup_steps, tcfg.weight_decay) == (-1, -1.0)
+        resolved = train.optimizer_defaults(tcfg)
+        assert (resolved.warmup_steps, resolved.weight_decay) == want
+        set_, _ = train.resolve_config({"optimizer": optimizer, "warmup_steps": 7, "weight_decay": "0.3"})
+        assert (train.optimizer_defaults(set_).warmup_steps, train.optimizer_defaults(set_).weight_decay) == (7, 0.3)
+        schedule, _ = make_optimizer(tcfg, mcfg)
+        explicit, _ = make_optimizer(train.resolve_config({"optimizer": optimizer, "steps": 100, "warmup_steps": want[0]})[0], mcfg)
+        assert [float(schedule(s)) for s in (0, 5, 19, 20, 99)] == [float(explicit(s)) for s in (0, 5, 19, 20, 99)]
+    assert train.resolve_config({"warmup_steps": "auto", "weight_decay": "AUTO"})[0] == train.TrainConfig()
+    with pytest.raises(ConfigError, match=r"weight_decay must be a number in \[0, 10\], got -0.5"):
+        train.resolve_config({"weight_decay": -0.5})
+    with pytest.raises(ConfigError, match=r"warmup_steps must be an integer in \[0, "):
+        train.resolve_config({"warmup_steps": -2})
 
 
 def _tensorboard_scalars(run: Path) -> dict[str, dict[int, float]]:

@@ -115,7 +115,8 @@ def warmdown_schedule(peak_lr: float, warmup_steps: int, total_steps: int, warmd
 # -4.7750, 2.0315), run in bfloat16 on X / (||X||_F + 1e-7), on X^T when X has more rows than
 # columns, the result scaled by max(1, fan_out / fan_in) ** 0.5 (modded-nanogpt's train_gpt.py
 # and KellerJordan/Muon).
-# TrainConfig's muon_* settings, schedule=warmdown and warmdown_frac hold the rest as defaults.
+# TrainConfig's muon_* settings, schedule=warmdown and warmdown_frac hold the rest as defaults, and
+# warmup_steps=auto and weight_decay=auto mean 0 and 0 under muon (train.config.OPTIMIZER_DEFAULTS).
 MUON_MOMENTUM = 0.95
 MUON_ADAM_LR = 0.0036
 NS_STEPS = 5

@@ -91,7 +91,7 @@ def check_fields(cfg, ranges: dict[str, Range]) -> None:
         else:
             value = float(value)
         object.__setattr__(cfg, f.name, value)
-        if valid is not None and value not in valid:
+        if valid is not None and value not in valid and value != f.metadata.get("auto"):  # auto may lie outside
             raise ConfigError(f"{f.name} must be {'an integer' if kind is int else 'a number'}{where}, got {value!r}")
 
 

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validation-files", help="text_files: glob of the validation files (default: hold out by hash)")
     p.add_argument("--field", help="text_files: the JSON field holding the text of a .jsonl line (default text)")
     p.add_argument("--validation-fraction", type=float,
-                   help="text_files/openwebtext/fineweb_edu: fraction of documents (subsets for openwebtext) held out "
-                        "by hash of their name (fineweb_edu: of their id; default 0.001)")
+                   help="text_files/openwebtext/fineweb/fineweb_edu: fraction of documents (subsets for openwebtext) held out "
+                        "by hash of their name (fineweb, fineweb_edu: of their id; default 0.001)")
     p.add_argument("--feature", help="tfds:NAME: the text feature to tokenize (default text)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from gpt2_jax import storage
 from gpt2_jax.data.builders import DATA_DIR_ENV, OFFLINE_ENV, DataError, TextFiles, TinyShakespeare, WebText
-from gpt2_jax.data.webcorpora import FinewebEdu, OpenWebText
+from gpt2_jax.data.webcorpora import Fineweb, FinewebEdu, OpenWebText
 from gpt2_jax.errors import one_line, warn
 
 CACHE_DIR_ENV = "GPT2_JAX_CACHE_DIR"
@@ -61,6 +61,10 @@ SOURCES = (
     # sample is tens of GB, never downloaded here.
     Source("fineweb_edu", FinewebEdu, ("validation_fraction",),
            "https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu", downloads=False),
+    # FineWeb (Penedo et al. 2024), the corpus FineWeb-Edu was filtered from; its 10B-token sample
+    # (the same parquet layout, read the same way) is what modded-nanogpt's speedrun trains on.
+    Source("fineweb", Fineweb, ("validation_fraction",),
+           "https://huggingface.co/datasets/HuggingFaceFW/fineweb", downloads=False),
     Source("text_files", TextFiles, ("files", "field", "validation_files", "validation_fraction"), None,
            downloads=False),
 )

@@ -154,9 +154,9 @@ def prepare(dataset: str, *, cache_dir=None, manual_dir=None, workers: int | Non
     """Build (idempotently) the token store of `dataset` and return its directory.
 
     `dataset` is a data source's name (`sources.SOURCES`: tiny_shakespeare, openwebtext, webtext,
-    fineweb_edu, text_files) or tfds:NAME[/CONFIG], or the location of a finished store
+    fineweb_edu, fineweb, text_files) or tfds:NAME[/CONFIG], or the location of a finished store
     (`named_store`), returned as is. Options: text_files takes files, field, validation_files,
-    validation_fraction; openwebtext and fineweb_edu take validation_fraction; tfds:NAME takes
+    validation_fraction; openwebtext, fineweb_edu and fineweb take validation_fraction; tfds:NAME takes
     feature. `workers` tokenizer processes (default: one per CPU, or this process alone for under
     32 MiB of text).
 

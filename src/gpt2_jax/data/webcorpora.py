@@ -1,5 +1,5 @@
 """TFDS builders for the large web corpora, read a piece at a time: OpenWebText from its .tar.xz
-archives, FineWeb-Edu from its parquet files. Documents are those of `builders` (text, source,
+archives, FineWeb and FineWeb-Edu from their parquet files. Documents are those of `builders` (text, source,
 replaced bytes), and validation holds out by hash (`builders.in_validation`).
 """
 
@@ -118,24 +118,27 @@ class OpenWebText(Builder, skip_registration=True):
             raise DataError(f"{archive}: truncated or damaged archive ({e})") from e
 
 
-class FinewebEdu(Builder, skip_registration=True):
-    """FineWeb-Edu's 10B-token sample: the released parquet files `sample/10BT/*.parquet`, `text` column.
+class FinewebSample(Builder, skip_registration=True):
+    """A 10B-token sample of a FineWeb data set: the released parquet files `sample/10BT/*.parquet`, `text` column.
 
     Files are read with pyarrow a row group at a time, and its text in batches of rows, so no file
     is ever whole in memory. Validation holds out the documents whose `id` (the released
     `<urn:uuid:...>`; file and row where a file has none) hashes below a fraction: which documents
     are held out does not depend on which files are present or in what order they are read.
     Online downloads are not attempted (tens of GB from the Hub; its record in `sources.SOURCES`
-    says so): the files come from the manual directory.
+    says so): the files come from the manual directory. `FinewebEdu` and `Fineweb` differ only in
+    their name and Hub repository: both releases share the `id` and `text` columns read here.
     """
 
-    name = "fineweb_edu"
+    name = "fineweb_sample"  # each data set's own below
+    REPO = ""  # its Hugging Face Hub dataset repository
+    TITLE = ""  # its name in messages
     SAMPLE = "sample/10BT"
     BATCH_ROWS = 1024  # rows of text decoded at a time
 
     def __init__(self, *, validation_fraction: float = 0.001, **kwargs):
         if not 0.0 < validation_fraction < 1.0:
-            raise DataError(f"fineweb_edu: validation_fraction must be in (0, 1), got {validation_fraction}")
+            raise DataError(f"{self.name}: validation_fraction must be in (0, 1), got {validation_fraction}")
         self.validation_fraction = validation_fraction
         # The config name pins the files (names and sizes): more files downloaded make a new build.
         stamp = hashlib.sha256(json.dumps([[p.name, p.stat().st_size] for p in self._files(kwargs.get("manual_dir"))])
@@ -155,8 +158,8 @@ class FinewebEdu(Builder, skip_registration=True):
         root = str(manual_root) if manual_root else "DIR"
         where = f"{root}/{self.name}/{self.SAMPLE}/"
         return DataError(
-            f"fineweb_edu: no .parquet files in {where}: download the {self.SAMPLE}/*.parquet files of "
-            f"HuggingFaceFW/fineweb-edu ({urls[0]}) into {where} and set {DATA_DIR_ENV}={root} (or pass --manual-dir {root})"
+            f"{self.name}: no .parquet files in {where}: download the {self.SAMPLE}/*.parquet files of "
+            f"{self.REPO} ({urls[0]}) into {where} and set {DATA_DIR_ENV}={root} (or pass --manual-dir {root})"
         )
 
     def description(self):
@@ -182,8 +185,8 @@ class FinewebEdu(Builder, skip_registration=True):
             raise DataError(f"{files[0].parent}: no {'validation' if validation else 'training'} documents "
                             f"(validation_fraction={self.validation_fraction}, {len(files)} file(s))")
 
-    @staticmethod
-    def _open(path: Path):
+    @classmethod
+    def _open(cls, path: Path):
         """`path` as a `pyarrow.parquet.ParquetFile` with a string column `text`; else a one-line DataError."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -194,13 +197,13 @@ class FinewebEdu(Builder, skip_registration=True):
             raise DataError(f"{path}: not a readable parquet file ({one_line(e)})") from e
         names = f.schema_arrow.names
         if "text" not in names:
-            raise DataError(f"{path}: no column 'text' (has: {', '.join(names)}); expected FineWeb-Edu's "
+            raise DataError(f"{path}: no column 'text' (has: {', '.join(names)}); expected {cls.TITLE}'s "
                             "released schema, with the documents in a string column 'text'")
         kind = f.schema_arrow.field("text").type
         if not any(is_kind(kind) for is_kind in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                                                   pa.types.is_large_binary)):
             raise DataError(f"{path}: column 'text' holds {kind} values, expected a string column "
-                            "(FineWeb-Edu's released schema)")
+                            f"({cls.TITLE}'s released schema)")
         return f
 
     def _rows(self, path: Path, validation: bool) -> Iterator[tuple[int, bytes]]:
@@ -232,3 +235,20 @@ class FinewebEdu(Builder, skip_registration=True):
                 start += n
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable parquet file ({one_line(e)})") from e
+
+
+class FinewebEdu(FinewebSample, skip_registration=True):
+    """FineWeb-Edu's 10B-token sample (HuggingFaceFW/fineweb-edu, `sample/10BT/*.parquet`)."""
+
+    name = "fineweb_edu"
+    REPO = "HuggingFaceFW/fineweb-edu"
+    TITLE = "FineWeb-Edu"
+
+
+class Fineweb(FinewebSample, skip_registration=True):
+    """FineWeb's 10B-token sample (HuggingFaceFW/fineweb, `sample/10BT/*.parquet`): the data of llm.c's
+    GPT-2 reproduction and of modded-nanogpt's speedrun."""
+
+    name = "fineweb"
+    REPO = "HuggingFaceFW/fineweb"
+    TITLE = "FineWeb"

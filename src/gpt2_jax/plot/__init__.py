@@ -1,7 +1,8 @@
-"""Training curves from a run's metrics.jsonl, as a PNG (`python -m gpt2_jax.plot RUN_DIR`).
+"""Training curves from a run's metrics.jsonl, as a PNG (`python -m gpt2_jax.plot RUN_DIR [RUN_DIR ...]`).
 
 Panels: training and validation loss, learning rate, HellaSwag accuracy when the run scored it
-(`hellaswag_every=`), and throughput (tokens/s, plus MFU when the run measured it). Lines of
+(`hellaswag_every=`), and throughput (tokens/s, plus MFU when the run measured it). Several runs
+are overlaid in one figure, one colour and one label per run (`plot_runs`). Lines of
 metrics.jsonl that are not JSON objects with a `step` are skipped and counted, so a run killed
 mid-write still plots.
 """
@@ -97,6 +98,70 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         twin.plot(steps, [100 * m for m in mfu], color="tab:red", label="MFU")
         twin.set_ylabel("MFU (%)")
     fig.suptitle(storage.path(run_dir).name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_labels(run_dirs: list, labels: list[str] | None = None) -> list[str]:
+    """One label per run: `labels` as given (as many as runs), else each run directory's name (its
+    path as given where two names are the same)."""
+    if labels is not None:
+        if len(labels) != len(run_dirs):
+            raise PlotError(f"{len(labels)} label(s) for {len(run_dirs)} run(s): give one label per run directory")
+        return list(labels)
+    names = [storage.path(r).name for r in run_dirs]
+    return [n if names.count(n) == 1 else str(r) for n, r in zip(names, run_dirs)]
+
+
+def draw_runs(run_dirs: list, labels: list[str] | None = None):
+    """A matplotlib Figure overlaying the runs: validation loss (markers) over training loss (thin),
+    learning rate, HellaSwag per-token accuracy when any run scored it, and tokens/s; one colour
+    per run, labelled by `run_labels`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = run_labels(run_dirs, labels)
+    runs = [(name, read_metrics(r)[0]) for name, r in zip(names, run_dirs)]
+    hellaswag = any(_series(records, "hellaswag_acc_per_token")[0] for _, records in runs)
+    n_panels = 4 if hellaswag else 3
+    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4), constrained_layout=True)
+    for i, (name, records) in enumerate(runs):
+        color = f"C{i % 10}"
+        steps, values = _series(records, "loss")
+        axes[0].plot(steps, values, color=color, alpha=0.35, linewidth=0.8)
+        steps, values = _series(records, "val_loss")
+        axes[0].plot(steps, values, color=color, marker="o", markersize=3, label=name)
+        axes[1].plot(*_series(records, "lr"), color=color, label=name)
+        if hellaswag:
+            axes[2].plot(*_series(records, "hellaswag_acc_per_token"), color=color, marker="o", label=name)
+        axes[-1].plot(*_series(records, "tokens_per_s"), color=color, label=name)
+    axes[0].set(title="validation loss (markers), training loss (thin)", xlabel="step", ylabel="nats/token")
+    lowest = [min(_series(records, "val_loss")[1], default=math.inf) for _, records in runs]
+    if math.isfinite(min(lowest)):  # the first steps' losses (~ln 50,257) would flatten where the runs differ
+        axes[0].set_ylim(min(lowest) - 0.1, max(lowest) + 1.5)
+    axes[1].set(title="learning rate (AdamW's; of Muon runs, their AdamW part)", xlabel="step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    if hellaswag:
+        axes[2].set(title="HellaSwag accuracy, per token (%)", xlabel="step")
+    axes[-1].set(title="throughput", xlabel="step", ylabel="tokens/s")
+    for ax in axes:
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{len(runs)} runs")
+    return fig
+
+
+def plot_runs(run_dirs: list, out: str | os.PathLike | None = None, labels: list[str] | None = None) -> Path:
+    """Draw several runs in one figure (`draw_runs`) to `out` (default: curves.png beside the first
+    run directory), written atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_runs(run_dirs, labels)
+    out = storage.path(out) if out is not None else storage.path(run_dirs[0]).parent / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100)

@@ -10,7 +10,7 @@ import importlib
 
 _NAMES = {
     "MANAGED_MODEL_KEYS": "config", "TrainConfig": "config", "TrainingError": "config", "find_experiment": "config",
-    "load_experiment": "config", "resolve_config": "config", "resolve_dtype": "config",
+    "load_experiment": "config", "optimizer_defaults": "config", "resolve_config": "config", "resolve_dtype": "config",
     "load_data": "loop", "train": "loop", "validation_loss": "loop",
 }
 __all__ = sorted(_NAMES)

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m gpt2_jax.train",
         description="Train GPT-2 on a device mesh. Example: python -m gpt2_jax.train small steps=1000 mesh=1,-1,1",
         epilog="TrainConfig keys (default): "
-        + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(TrainConfig))
+        + ", ".join(f"{f.name} ({'auto' if f.default == f.metadata.get('auto') else repr(f.default)})" for f in dataclasses.fields(TrainConfig))
         + ". ModelConfig keys (dataclass default; the size preset sets the shape): "
         + ", ".join(f"{f.name} ({f.default!r})" for f in dataclasses.fields(ModelConfig) if f.name not in MANAGED_MODEL_KEYS)
         + f". attention is one of {', '.join(ATTENTION_IMPLS)}: auto takes cuDNN flash attention on NVIDIA GPUs"
@@ -124,6 +124,8 @@ def _report(final: dict, tcfg: TrainConfig, run_dir, argv: list[str] | None) -> 
         )
         return
     summary = f"done: {final['step']} steps, loss {final['loss']:.4f}"
+    if "target_val_loss" in final:
+        summary = f"done: target_val_loss={final['target_val_loss']['target']:g} reached at step {final['step']}, loss {final['loss']:.4f}"
     if "val_loss" in final:
         summary += f", val loss {final['val_loss']:.4f}"
     print(summary + f"; run dir {run_dir}")

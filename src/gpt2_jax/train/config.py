@@ -26,6 +26,18 @@ from gpt2_jax.config import (
 # wheel, it is a folder above site-packages that holds no experiments/.
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
+# The value of warmup_steps= and weight_decay= (and `auto` on the command line) that asks for the
+# optimizer's default (`optimizer_defaults`).
+AUTO = -1
+# What warmup_steps and weight_decay (AdamW's part, by name) are when not set, by optimizer:
+#   adamw: 20 warmup steps (the tiny CPU demo's; the GPT-2/GPT-3 experiments set 715), weight decay
+#          0.1 (GPT-3, Brown et al. 2020, appendix B), as before Muon existed.
+#   muon:  no warmup ("Switched from AdamW to new optimizer, and removed learning rate warmup":
+#          KellerJordan/modded-nanogpt's README of its 10/2024 Muon records, 6,200 steps to 3.28) and no
+#          weight decay (the records' `weight_decay : float = 0`, found "empirically optimal" in
+#          records/102924_Optimizers).
+OPTIMIZER_DEFAULTS = {"adamw": {"warmup_steps": 20, "weight_decay": 0.1}, "muon": {"warmup_steps": 0, "weight_decay": 0.0}}
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -49,10 +61,12 @@ class TrainConfig:
     # cosine (warmup, cosine decay to min_lr_ratio) or warmdown (warmup, constant, linear decay to 0
     # over the last warmdown_frac of the steps); auto = cosine for adamw, warmdown for muon
     schedule: str = "auto"
-    warmup_steps: int = 20
+    # warmup_steps and weight_decay (AdamW's, by name: train.config.OPTIMIZER_DEFAULTS): -1 or auto =
+    # the optimizer's default, 20 and 0.1 under adamw, 0 and 0 under muon
+    warmup_steps: int = setting(AUTO, None, auto=AUTO)
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     warmdown_frac: float = 0.2843  # modded-nanogpt's records: 1,450 of 5,100 steps
-    weight_decay: float = 0.1
+    weight_decay: float = setting(float(AUTO), None, auto=float(AUTO))
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -73,6 +87,9 @@ class TrainConfig:
     strategy: str = "fsdp"  # dp | fsdp | fsdp_tp
     eval_every: int = 100  # steps between validation losses (and at the end); 0 = only at the end
     eval_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    # Stop once a validation loss is at most this (checked at each evaluation): the step is saved and
+    # the tokens and training time it took are printed and recorded in final.json; 0 = never.
+    target_val_loss: float = 0.0
     # HellaSwag accuracies (gpt2_jax.eval's hellaswag task, on $GPT2_JAX_DATA_DIR/hellaswag/hellaswag_val.jsonl)
     # every hellaswag_every steps and at the end; 0 = never. hellaswag_limit: the first N items; 0 = all.
     hellaswag_every: int = 0
@@ -121,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; valid: auto, {', '.join(SCHEDULES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        if self.target_val_loss and not self.eval_every:
+            raise ConfigError(f"target_val_loss={self.target_val_loss:g} needs eval_every= > 0: a run that validates only at its end cannot stop early")
         if self.grad_accum and self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
 
@@ -134,7 +153,7 @@ TRAIN_RANGES = {
     "warmdown_frac": Range(0.0, 1.0), "muon_lr": Range(0.0, math.inf), "muon_momentum": PROBABILITY,
     "muon_ns_steps": Range(1, 100), "muon_weight_decay": Range(0.0, 10.0),
     "b1": PROBABILITY, "b2": PROBABILITY, "eps": Range(0.0, 1.0, low_open=True), "grad_clip": Range(0.0, 1e9),
-    "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "sample_every": _PERIOD,
+    "dropout": PROBABILITY, "eval_every": _PERIOD, "eval_batches": _PERIOD, "target_val_loss": Range(0.0, math.inf), "sample_every": _PERIOD,
     "hellaswag_every": _PERIOD, "hellaswag_limit": _PERIOD,
     "sample_tokens": Range(1, 1 << 20), "top_k": Range(1, 1 << 24), "log_every": _COUNT,
     "seed": Range(0, 2**32 - 1),  # jax.random keys take 32-bit seeds: a larger one would wrap silently
@@ -202,8 +221,9 @@ def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
     The model's compute dtype ("auto" still unresolved) and dropout come from the TrainConfig.
     """
     settings = {**settings}
-    if str(settings.get("grad_accum", "")).lower() == "auto":
-        settings["grad_accum"] = 0  # chosen from the compiled step's memory (gpt2_jax.train.plan)
+    for f in dataclasses.fields(TrainConfig):  # grad_accum: chosen from memory (train.plan); the rest: by optimizer
+        if f.metadata.get("auto") is not None and str(settings.get(f.name, "")).lower() == "auto":
+            settings[f.name] = f.metadata["auto"]
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     train_kw, model_kw = {}, {}
@@ -223,6 +243,13 @@ def resolve_config(settings: dict[str, Any]) -> tuple[TrainConfig, ModelConfig]:
     if tcfg.seq_len > mcfg.n_ctx:
         raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model context n_ctx={mcfg.n_ctx}")
     return tcfg, mcfg
+
+
+def optimizer_defaults(tcfg: TrainConfig) -> TrainConfig:
+    """`tcfg` with warmup_steps and weight_decay left at auto set to its optimizer's defaults
+    (`OPTIMIZER_DEFAULTS`); values that were set are kept."""
+    auto = {k: v for k, v in OPTIMIZER_DEFAULTS[tcfg.optimizer].items() if getattr(tcfg, k) == AUTO}
+    return replace(tcfg, **auto) if auto else tcfg
 
 
 def resolve_dtype(tcfg: TrainConfig, mcfg: ModelConfig) -> ModelConfig:

@@ -8,6 +8,7 @@ what each of its files is), resumes or initializes the state, and runs the steps
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -174,11 +175,18 @@ def sample_text(mcfg: ModelConfig, params, place: sharding.Placement, tcfg: Trai
 
 @dataclasses.dataclass
 class Progress:
-    """What the run has to report: the final record, and the validation loss of each evaluated step."""
+    """What the run has to report: the final record, the validation loss of each evaluated step, and
+    its training time (the steps' wall clock since this start, periodic work excluded)."""
 
     final: dict[str, Any] = dataclasses.field(default_factory=dict)
     val_at: dict[int, float] = dataclasses.field(default_factory=dict)
     stopping: str | None = None  # the signal that asked the run to stop
+    reached: bool = False  # a validation loss reached target_val_loss: the run stops after this step's work
+    started: float = 0.0  # time.perf_counter() when the steps began
+    periodic_s: float = 0.0  # seconds of periodic work (validation, HellaSwag, samples, saves) since then
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.periodic_s
 
 
 class PeriodicWork:
@@ -191,8 +199,8 @@ class PeriodicWork:
     """
 
     def __init__(self, tcfg, mcfg, place, *, run_dir, run_config, ckpt, guard, watchdog, eval_step, val_batches, train_batches, write,
-                 resumed_from, hellaswag=()):
-        self.tcfg, self.mcfg, self.place = tcfg, mcfg, place
+                 resumed_from, tokens_per_step, hellaswag=()):
+        self.tcfg, self.mcfg, self.place, self.tokens_per_step, self.resumed_from = tcfg, mcfg, place, tokens_per_step, resumed_from
         self.run_config, self.ckpt, self.guard, self.watchdog, self.write = run_config, ckpt, guard, watchdog, write
         self.eval_step, self.val_batches, self.train_batches = eval_step, val_batches, train_batches
         self.hellaswag, self.scorer = list(hellaswag), None
@@ -208,7 +216,8 @@ class PeriodicWork:
         if self.hellaswag:
             hooks.add("hellaswag", self.periodic(self.score_hellaswag, cut="HellaSwag scoring"), every=t.hellaswag_every)
         hooks.add("sample", self.periodic(self.sample, cut="sampling"), every=t.sample_every)
-        hooks.add("save", self.periodic(self.save), every=t.ckpt_every, when=lambda: self.progress.stopping is not None)
+        hooks.add("save", self.periodic(self.save), every=t.ckpt_every,
+                  when=lambda: self.progress.stopping is not None or self.progress.reached)
         return hooks
 
     def periodic(self, fn, cut: str = ""):
@@ -217,12 +226,15 @@ class PeriodicWork:
         def run(done: int, state) -> None:
             if cut and self.guard.pod is not None and self.progress.stopping:
                 return
+            start = time.perf_counter()
             with self.watchdog.paused():
                 try:
                     fn(done, state)
                 except Interrupted:
                     self.progress.stopping = self.guard.reason
                     self.write(f"step {done:>6} | {self.guard.reason}: {cut} cut short, saving this step")
+                finally:
+                    self.progress.periodic_s += time.perf_counter() - start
         return run
 
     def metric_hooks(self) -> Hooks:
@@ -242,6 +254,22 @@ class PeriodicWork:
         self.progress.final["val_loss"] = self.progress.val_at[done] = val_loss
         self.writer.write(done, {"val_loss": val_loss})
         self.write(f"step {done:>6} | val loss {val_loss:.4f}")
+        target = self.tcfg.target_val_loss
+        if target and val_loss <= target and not self.progress.reached:
+            # Every process computed the same loss (sums reduced over all devices), so every process
+            # decides to stop at this same step without a further exchange.
+            self.progress.reached = True
+            seconds = self.progress.train_seconds()  # this validation's time is not yet counted
+            tokens = done * self.tokens_per_step
+            self.progress.final["target_val_loss"] = {
+                "target": target, "val_loss": val_loss, "step": done, "tokens": tokens, "train_seconds": round(seconds, 3),
+                "since_step": self.resumed_from,
+            }
+            since = f" since the resume at step {self.resumed_from}" if self.resumed_from else ""
+            self.write(
+                f"step {done:>6} | target_val_loss={target:g} reached (val loss {val_loss:.4f}): {tokens:,} tokens, "
+                f"{seconds:,.1f} s of training{since} (evaluation, sampling and saving not counted); saving and stopping"
+            )
 
     def _polled(self, batches):
         """`batches`, the pod's agreed stop polled before each (it may fall inside a validation)."""
@@ -372,7 +400,7 @@ def _train(plan: Plan, attn, run: run_dir_lib.Run, say, hellaswag, batches) -> d
         tcfg, mcfg, place, run_dir=run.path, run_config={"model": mcfg.to_dict(), "train": dataclasses.asdict(tcfg)},
         ckpt=ckpt, guard=guard, watchdog=watchdog, eval_step=step_lib.compile_eval_step(mcfg, place.mesh, place.rules, plan.shardings.params),
         val_batches=val_batches, train_batches=train_batches, write=bar.write if main_process else (lambda *_: None),
-        resumed_from=start_step, hellaswag=hellaswag,
+        resumed_from=start_step, tokens_per_step=tcfg.batch_size * seq_len, hellaswag=hellaswag,
     )
     meter = Meter(
         work.metric_hooks(), bar, tokens_per_step=tcfg.batch_size * seq_len, flops_per_token=costs.flops_per_token(mcfg, seq_len),
@@ -401,6 +429,7 @@ def _steps(plan: Plan, state, start_step: int, train_batches, work: "PeriodicWor
     hooks that run at the end (unless a signal stopped the run)."""
     tcfg, progress = plan.tcfg, work.progress
     hooks = work.hooks(before=meter.flush)
+    progress.started = time.perf_counter()
     for step in bar:
         batch = next(train_batches)  # fine-tuning batches are dicts with a "mask"
         state, metrics = plan.train_step(state, sharding.shard_batch(batch if isinstance(batch, dict) else {"tokens": batch}, plan.place.mesh))
@@ -411,8 +440,10 @@ def _steps(plan: Plan, state, start_step: int, train_batches, work: "PeriodicWor
             if progress.stopping:
                 progress.final["stopped"] = progress.stopping
                 break
+            if progress.reached:  # target_val_loss: this step was saved
+                break
     meter.flush()
-    if not progress.stopping:
+    if not progress.stopping and not progress.reached:
         hooks.run(tcfg.steps, state, end=True)
         if progress.stopping:  # a pod's agreed stop fell inside the last validation
             progress.final["stopped"] = progress.stopping

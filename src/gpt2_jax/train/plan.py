@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from gpt2_jax import costs, hlo, memory, optim, sharding, step as step_lib
 from gpt2_jax.config import REMAT_BY_WEIGHT, ModelConfig, auto_fields, replace
-from gpt2_jax.train.config import TrainConfig
+from gpt2_jax.train.config import TrainConfig, optimizer_defaults
 
 
 @dataclasses.dataclass
@@ -102,6 +102,7 @@ def make_optimizer(tcfg: TrainConfig, mcfg: ModelConfig) -> tuple[Any, Any]:
     and the Newton-Schulz iteration runs in the model's compute dtype (bfloat16 on GPU/TPU, as
     the records do; float32 on CPU, where XLA's bfloat16 matmuls are slow).
     """
+    tcfg = optimizer_defaults(tcfg)
     muon = tcfg.optimizer == "muon"
     kind = tcfg.schedule if tcfg.schedule != "auto" else "warmdown" if muon else "cosine"
 
@@ -123,7 +124,9 @@ def make_optimizer(tcfg: TrainConfig, mcfg: ModelConfig) -> tuple[Any, Any]:
 
 
 def make_plan(tcfg: TrainConfig, mcfg: ModelConfig, seq_len: int) -> Plan:
-    """Placement, optimizer, abstract state, and the compiled step with grad_accum and remat resolved."""
+    """Placement, optimizer, abstract state, and the compiled step with grad_accum and remat resolved
+    (and warmup_steps and weight_decay, when auto, from the optimizer)."""
+    tcfg = optimizer_defaults(tcfg)
     place = sharding.placement(mcfg, tcfg.mesh, tcfg.strategy)
     schedule, tx = make_optimizer(tcfg, mcfg)
     if tcfg.grad_accum:
