@@ -271,6 +271,14 @@ def fineweb_corpus(manual: Path, paragraphs, name: str = "fineweb_edu"):
     return docs
 
 
+def assert_held_out(store, docs, fraction: float) -> None:
+    """The store's splits are `docs` (id, text) in order, those whose id is held out in validation."""
+    held = [builders.in_validation(i, fraction) for i, _ in docs]
+    assert 0 < sum(held) < len(docs)
+    for split, want in (("train", False), ("validation", True)):
+        np.testing.assert_array_equal(store_tokens(store, split), encode_docs([t for (_, t), h in zip(docs, held) if h == want]))
+
+
 def test_fineweb_edu_from_parquet_with_held_out_documents(tmp_path, paragraphs, monkeypatch, capfd):
     import pyarrow.parquet as pq
 
@@ -284,10 +292,7 @@ def test_fineweb_edu_from_parquet_with_held_out_documents(tmp_path, paragraphs, 
     kw = dict(cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data", validation_fraction=0.3, docs_per_shard=6,
               progress=False)
     store = prepare("fineweb_edu", workers=2, **kw)
-    held = [builders.in_validation(i, 0.3) for i, _ in docs]
-    assert 0 < sum(held) < len(docs)
-    for split, want in (("train", False), ("validation", True)):
-        np.testing.assert_array_equal(store_tokens(store, split), encode_docs([t for (_, t), h in zip(docs, held) if h == want]))
+    assert_held_out(store, docs, 0.3)
     manifest = load_manifest(store)
     bad = tmp_path / "data" / "fineweb_edu" / "sample" / "10BT" / "000_00000.parquet"
     assert manifest["replaced_bytes"] == {f"{bad}:23": 2}
@@ -312,10 +317,7 @@ def test_fineweb_from_parquet_with_held_out_documents(tmp_path, paragraphs):
     kw = dict(cache_dir=tmp_path / "cache", manual_dir=tmp_path / "data", validation_fraction=0.3, docs_per_shard=6,
               progress=False)
     store = prepare("fineweb", workers=1, **kw)
-    held = [builders.in_validation(i, 0.3) for i, _ in docs]
-    assert 0 < sum(held) < len(docs)
-    for split, want in (("train", False), ("validation", True)):
-        np.testing.assert_array_equal(store_tokens(store, split), encode_docs([t for (_, t), h in zip(docs, held) if h == want]))
+    assert_held_out(store, docs, 0.3)
     manifest = load_manifest(store)
     assert manifest["source"]["url"] == "https://huggingface.co/datasets/HuggingFaceFW/fineweb"
     assert manifest["source"]["files"] == 2 and manifest["source"]["validation_fraction"] == 0.3
